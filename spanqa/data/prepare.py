@@ -1,0 +1,177 @@
+"""`spanqa prepare`: SQuAD JSON -> window store, reusing a store built from the same inputs.
+
+spanqa prepare --data_file dev-v2.0.json --tokenizer SpanBERT/spanbert-base-cased --out prepared/dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spanqa.data.squad import load_squad
+from spanqa.data.store import FORMAT_VERSION, META, WindowStore, build_meta, write_store
+from spanqa.data.windows import (
+    WindowSettings,
+    build_windows,
+    check_fast,
+    load_tokenizer,
+    pair_template,
+    tokenizer_fingerprint,
+)
+from spanqa.errors import SpanqaError
+
+
+def prepare(
+    data_file: str | Path,
+    tokenizer: Any,
+    out_dir: str | Path,
+    max_seq_length: int = 384,
+    doc_stride: int = 128,
+    max_query_length: int = 64,
+    progress: bool = True,
+) -> WindowStore:
+    """Build (or reuse) the window store of `data_file` at `out_dir`.
+
+    `tokenizer` is a fast Hugging Face tokenizer or a name/path to load one from. An existing store is
+    reused only when its meta.json records the same source sha256, tokenizer fingerprint, window
+    settings and format version; otherwise it is rebuilt and replaced atomically.
+    """
+    data_file, out_dir = Path(data_file), Path(out_dir)
+    settings = WindowSettings(max_seq_length, doc_stride, max_query_length)
+    settings.validate()
+    tokenizer, tokenizer_name = _as_tokenizer(tokenizer)
+    settings.validate(pair_template(tokenizer).n_special)
+    wanted = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": settings.as_dict(),
+        "source_sha256": file_sha256(data_file),
+    }
+    _refuse_foreign_dir(out_dir)
+    existing = reusable_store(out_dir, wanted)
+    if existing is not None:
+        _say(progress, f"reusing the window store {out_dir} (same source, tokenizer and settings)")
+        return existing
+    started = time.perf_counter()
+    examples, report = load_squad(data_file)
+    arrays = build_windows(examples, tokenizer, settings, progress=progress)
+    template = pair_template(tokenizer)
+    meta = build_meta(
+        arrays,
+        len(examples),
+        tokenizer={
+            "name_or_path": tokenizer_name,
+            "fingerprint": wanted["tokenizer"],
+            "vocab_size": len(tokenizer),
+            "second_type_id": template.second_type_id,
+            "n_special": template.n_special,
+        },
+        settings=settings.as_dict(),
+        source={"path": str(data_file.resolve()), "sha256": wanted["source_sha256"]},
+        validation=report,
+    )
+    meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
+    write_store(out_dir, arrays, examples, meta)
+    return WindowStore.open(out_dir)
+
+
+def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:
+    """The store at `out_dir` when it opens cleanly and was built from the `wanted` inputs, else None."""
+    if not (out_dir / META).is_file():
+        return None
+    try:
+        store = WindowStore.open(out_dir)
+    except SpanqaError:
+        return None  # partial, corrupt or another version: rebuild it
+    meta = store.meta
+    found = {
+        "format_version": meta["format_version"],
+        "tokenizer": meta["tokenizer"].get("fingerprint"),
+        "settings": meta["settings"],
+        "source_sha256": meta["source"].get("sha256"),
+    }
+    return store if found == wanted else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise SpanqaError(f"{path}: no such file") from None
+    except OSError as err:
+        raise SpanqaError(f"{path}: cannot read: {err.strerror}") from None
+    return digest.hexdigest()
+
+
+def _as_tokenizer(tokenizer: Any) -> tuple[Any, str]:
+    if isinstance(tokenizer, (str, Path)):
+        return load_tokenizer(tokenizer), str(tokenizer)
+    name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    check_fast(tokenizer, name)
+    return tokenizer, name
+
+
+def _refuse_foreign_dir(out_dir: Path) -> None:
+    # never replace a directory that is not a window store: it may hold the user's other files
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpanqaError(f"--out: {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+        raise SpanqaError(f"--out: {out_dir} exists, is not empty and is not a window store")
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr)
+
+
+def summary(store: WindowStore) -> str:
+    meta = store.meta
+    v, c = meta["validation"], meta["counts"]
+    lines = [
+        f"window store: {store.path}",
+        f"  examples {c['examples']:,} ({v['answerable']:,} answerable, {v['impossible']:,} unanswerable)",
+        f"  windows {c['windows']:,} ({c['windows_with_answer']:,} hold their answer), "
+        f"tokens {c['tokens']:,}",
+        f"  answers {v['answers']:,}: {v['answers_repaired']:,} repaired, {v['answers_dropped']:,} dropped; "
+        f"questions dropped {v['questions_dropped']:,}",
+    ]
+    lines += [f"  {issue}" for issue in v.get("issues", [])[:10]]
+    if len(v.get("issues", [])) > 10:
+        lines.append(f"  ... all counted above; the first {len(v['issues'])} are listed in meta.json")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="spanqa prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--data_file", required=True, help="SQuAD v1.1 or v2.0 JSON file")
+    parser.add_argument("--tokenizer", required=True, help="fast tokenizer: local directory or hub name")
+    parser.add_argument("--out", required=True, help="directory of the window store")
+    parser.add_argument("--max_seq_length", type=int, default=384)
+    parser.add_argument(
+        "--doc_stride", type=int, default=128, help="overlap of consecutive windows, in tokens"
+    )
+    parser.add_argument("--max_query_length", type=int, default=64)
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    store = prepare(
+        args.data_file,
+        args.tokenizer,
+        args.out,
+        max_seq_length=args.max_seq_length,
+        doc_stride=args.doc_stride,
+        max_query_length=args.max_query_length,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(summary(store))
+    return 0

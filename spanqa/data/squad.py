@@ -1,0 +1,222 @@
+"""Parse and validate SQuAD v1.1 / v2.0 JSON.
+
+Structural problems (not JSON, wrong shape, missing or mistyped fields, empty context, duplicate ids)
+raise `SpanqaError` naming the file and the JSON path. Answers whose `answer_start` does not point at
+their text are repaired (nearest occurrence of the text in the context) or dropped, and every repair and
+drop is counted in the validation report, with its JSON path, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spanqa.errors import SpanqaError
+
+MAX_REPORTED_ISSUES = 50  # the report keeps the first issues verbatim and counts all of them
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    start: int  # character offset of `text` inside the context
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    title: str
+    question: str
+    context: str
+    answers: tuple[Answer, ...]  # empty when the question is unanswerable
+    is_impossible: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "question": self.question,
+            "context": self.context,
+            "answers": [{"text": a.text, "answer_start": a.start} for a in self.answers],
+            "is_impossible": self.is_impossible,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Example:
+        answers = tuple(Answer(a["text"], a["answer_start"]) for a in d["answers"])
+        return cls(d["id"], d["title"], d["question"], d["context"], answers, d["is_impossible"])
+
+
+@dataclass
+class ValidationReport:
+    """What validation changed; stored in the window store's meta.json and printed by `spanqa prepare`."""
+
+    questions: int = 0
+    answerable: int = 0
+    impossible: int = 0
+    answers: int = 0
+    answers_repaired: int = 0
+    answers_dropped: int = 0
+    questions_dropped: int = 0  # answerable questions left without any valid answer
+    issues: list[str] | None = None  # the first MAX_REPORTED_ISSUES repairs/drops, with their JSON path
+
+    def note(self, message: str) -> None:
+        self.issues = self.issues or []
+        if len(self.issues) < MAX_REPORTED_ISSUES:
+            self.issues.append(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["issues"] = list(self.issues or [])
+        return d
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpanqaError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpanqaError(f"{path}: cannot read: {err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = "truncated JSON" if err.pos >= len(text.rstrip()) else "not valid JSON"
+        raise SpanqaError(f"{path}: {where}: {err.msg} at line {err.lineno} column {err.colno}") from None
+
+
+def load_squad(path: str | Path) -> tuple[list[Example], dict]:
+    """Examples of a SQuAD v1.1/v2.0 file (one per question) and the validation report as a dict."""
+    data = read_json(path)
+    examples, report = parse_squad(data, source=str(path))
+    return examples, report.as_dict()
+
+
+def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport]:
+    where = _Where(source)
+    if not isinstance(data, dict) or "data" not in data:
+        raise SpanqaError(f"{source}: top level must be an object with a 'data' list (SQuAD format)")
+    articles = _field(data, "data", list, where)
+    report = ValidationReport()
+    examples: list[Example] = []
+    seen_ids: dict[str, str] = {}
+    for a, article in enumerate(articles):
+        at = f"data[{a}]"
+        _require(article, dict, where, at)
+        title = _field(article, "title", str, where, at, default="")
+        for p, paragraph in enumerate(_field(article, "paragraphs", list, where, at)):
+            pat = f"{at}.paragraphs[{p}]"
+            _require(paragraph, dict, where, pat)
+            context = _field(paragraph, "context", str, where, pat)
+            if not context.strip():
+                raise SpanqaError(f"{source}: {pat}.context: empty context")
+            for q, qa in enumerate(_field(paragraph, "qas", list, where, pat)):
+                qat = f"{pat}.qas[{q}]"
+                example = _parse_question(qa, title, context, where, qat, report)
+                if example.id in seen_ids:
+                    raise SpanqaError(
+                        f"{source}: {qat}.id: duplicate question id {example.id!r} "
+                        f"(first at {seen_ids[example.id]})"
+                    )
+                seen_ids[example.id] = qat
+                if example.is_impossible or example.answers:
+                    examples.append(example)
+    return examples, report
+
+
+def _parse_question(
+    qa: Any, title: str, context: str, where: _Where, at: str, report: ValidationReport
+) -> Example:
+    _require(qa, dict, where, at)
+    qid = _field(qa, "id", str, where, at)
+    question = _field(qa, "question", str, where, at)
+    is_impossible = _field(qa, "is_impossible", bool, where, at, default=False)
+    raw_answers = _field(qa, "answers", list, where, at, default=[])
+    report.questions += 1
+    if is_impossible:
+        # v2.0: unanswerable questions carry no training target; `plausible_answers` are ignored on purpose
+        report.impossible += 1
+        return Example(qid, title, question, context, (), True)
+    report.answerable += 1
+    answers = []
+    for i, raw in enumerate(raw_answers):
+        aat = f"{at}.answers[{i}]"
+        _require(raw, dict, where, aat)
+        text = _field(raw, "text", str, where, aat)
+        start = _field(raw, "answer_start", int, where, aat)
+        report.answers += 1
+        answer = _checked_answer(text, start, context, f"{where.source}: {aat}", report)
+        if answer is not None:
+            answers.append(answer)
+    if not answers:
+        report.questions_dropped += 1
+        report.note(f"{where.source}: {at}: dropped: answerable question without a valid answer")
+    return Example(qid, title, question, context, tuple(answers), False)
+
+
+def _checked_answer(text: str, start: int, context: str, at: str, report: ValidationReport) -> Answer | None:
+    if text and 0 <= start < len(context) and context[start : start + len(text)] == text:
+        return Answer(text, start)
+    if not text.strip():
+        problem = "empty answer text"
+    elif not 0 <= start < len(context):
+        problem = f"answer_start {start} is outside the context (length {len(context)})"
+    else:
+        problem = (
+            f"context[{start}:{start + len(text)}] is {context[start : start + len(text)]!r}, not {text!r}"
+        )
+    found = nearest_occurrence(context, text, start) if text.strip() else None
+    if found is None:
+        report.answers_dropped += 1
+        report.note(f"{at}: dropped: {problem}; the text does not occur in the context")
+        return None
+    report.answers_repaired += 1
+    report.note(f"{at}: repaired: {problem}; moved to {found}")
+    return Answer(text, found)
+
+
+def nearest_occurrence(context: str, text: str, start: int) -> int | None:
+    """Start of the occurrence of `text` in `context` closest to `start`, or None."""
+    best = None
+    i = context.find(text)
+    while i != -1:
+        if best is None or abs(i - start) < abs(best - start):
+            best = i
+        i = context.find(text, i + 1)
+    return best
+
+
+class _Where:
+    def __init__(self, source: str):
+        self.source = source
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _require(value: Any, kind: type, where: _Where, at: str) -> None:
+    # bool is an int subclass in Python, but `"answer_start": true` is a mistake, not an offset
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SpanqaError(f"{where.source}: {at}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}")
+
+
+_MISSING = object()
+
+
+def _field(obj: dict, key: str, kind: type, where: _Where, at: str = "", default: Any = _MISSING) -> Any:
+    path = f"{at}.{key}" if at else key
+    if key not in obj:
+        if default is _MISSING:
+            raise SpanqaError(f"{where.source}: {path}: missing field")
+        return default
+    _require(obj[key], kind, where, path)
+    return obj[key]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number"}
+    names[float] = "a number"
+    return "null" if value is None else names.get(type(value), type(value).__name__)

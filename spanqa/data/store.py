@@ -1,0 +1,236 @@
+"""The window store: pre-tokenized, labelled windows in flat memory-mapped arrays.
+
+A store is a directory written atomically (a temporary sibling directory, then one rename), so an
+interrupted write never leaves something that looks like a store. Arrays are `.npy` files opened with
+`np.load(mmap_mode="r")` (an `np.memmap` whose header carries dtype and shape, so a truncated or
+foreign file is caught on open); the page cache shares them between all ranks of a node.
+
+Flat arrays, real tokens only (no padding on disk):
+  input_ids     uint16 when the vocabulary fits (BERT's 30,522 does: half of int32's disk and page cache),
+                else uint32  [total_tokens]
+  char_offsets  int32 [total_tokens, 2]: character span of a context token in its context, (-1, -1) on
+                question and special tokens; evaluation maps token spans back to text with it
+Per window (int16 holds any window position because max_seq_length <= 32767):
+  window_starts int64 [n + 1]: window i is tokens window_starts[i]:window_starts[i+1]
+  window_lengths, context_start, context_end (inclusive), start_positions, end_positions  int16 [n]
+                (positions are 0 = the CLS index when the answer is not wholly inside the window)
+  example_index int32 [n]: line of examples.jsonl the window belongs to
+  doc_offset    int32 [n]: index of the window's first context token among its example's context tokens
+examples.jsonl: one example per line (spanqa.data.squad.Example.to_json); meta.json: see `build_meta`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spanqa.data.squad import Example
+from spanqa.data.windows import WindowArrays
+from spanqa.errors import SpanqaError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+EXAMPLES = "examples.jsonl"
+
+# dtype of each array on disk, except input_ids whose dtype depends on the vocabulary size
+DTYPES = {
+    "char_offsets": "int32",
+    "window_starts": "int64",
+    "window_lengths": "int16",
+    "context_start": "int16",
+    "context_end": "int16",
+    "start_positions": "int16",
+    "end_positions": "int16",
+    "example_index": "int32",
+    "doc_offset": "int32",
+}
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+class WindowStore:
+    """A window store opened read-only; arrays are memory-mapped and shared through the page cache."""
+
+    def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray]):
+        self.path = path
+        self.meta = meta
+        self.input_ids = arrays["input_ids"]
+        self.char_offsets = arrays["char_offsets"]
+        self.window_starts = arrays["window_starts"]
+        self.window_lengths = arrays["window_lengths"]
+        self.context_start = arrays["context_start"]
+        self.context_end = arrays["context_end"]
+        self.start_positions = arrays["start_positions"]
+        self.end_positions = arrays["end_positions"]
+        self.example_index = arrays["example_index"]
+        self.doc_offset = arrays["doc_offset"]
+        self.second_type_id = int(meta["tokenizer"]["second_type_id"])
+
+    @classmethod
+    def open(cls, path: str | Path) -> WindowStore:
+        """Open and check a store: SpanqaError naming the file if it is partial, corrupt, another version."""
+        path = Path(path)
+        meta = read_meta(path)
+        arrays = {name: _open_array(path, name, meta) for name in WindowArrays.ARRAYS}
+        _check_consistent(path, meta, arrays)
+        if not (path / EXAMPLES).is_file():
+            raise SpanqaError(f"{path / EXAMPLES}: missing (partial window store)")
+        return cls(path, meta, arrays)
+
+    def __len__(self) -> int:
+        return len(self.window_lengths)
+
+    def window(self, i: int) -> dict[str, Any]:
+        """Window i as the loader needs it (input_ids int64, token_type_ids int64, labels as ints)."""
+        lo, hi = self.window_starts[i], self.window_starts[i + 1]
+        input_ids = self.input_ids[lo:hi].astype(np.int64)
+        cs = int(self.context_start[i])
+        token_type_ids = np.zeros(hi - lo, np.int64)
+        token_type_ids[cs:] = self.second_type_id  # context and its closing special token(s)
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "context_start": cs,
+            "context_end": int(self.context_end[i]),
+            "start_position": int(self.start_positions[i]),
+            "end_position": int(self.end_positions[i]),
+            "index": int(i),
+        }
+
+    def offsets(self, i: int) -> np.ndarray:
+        """int32 [window_length, 2]: character span of each token of window i in its context."""
+        return self.char_offsets[self.window_starts[i] : self.window_starts[i + 1]]
+
+    def examples(self) -> list[Example]:
+        return self._examples
+
+    @cached_property
+    def _examples(self) -> list[Example]:
+        with open(self.path / EXAMPLES, encoding="utf-8") as f:
+            examples = [Example.from_json(json.loads(line)) for line in f]
+        if len(examples) != self.meta["counts"]["examples"]:
+            raise SpanqaError(
+                f"{self.path / EXAMPLES}: {len(examples)} examples, "
+                f"meta.json says {self.meta['counts']['examples']}"
+            )
+        return examples
+
+
+def read_meta(path: Path) -> dict:
+    meta_file = path / META
+    if not path.is_dir():
+        raise SpanqaError(f"{path}: not a window store directory")
+    if not meta_file.is_file():
+        raise SpanqaError(f"{meta_file}: missing (not a window store, or a partial one)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpanqaError(f"{meta_file}: corrupt: {err}") from None
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise SpanqaError(f"{meta_file}: corrupt: no format_version")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise SpanqaError(
+            f"{meta_file}: store format version {meta['format_version']}, this spanqa reads version "
+            f"{FORMAT_VERSION}: prepare it again"
+        )
+    for key in ("counts", "dtypes", "tokenizer", "settings", "source"):
+        if key not in meta:
+            raise SpanqaError(f"{meta_file}: corrupt: missing {key!r}")
+    return meta
+
+
+def _open_array(path: Path, name: str, meta: dict) -> np.ndarray:
+    file = path / f"{name}.npy"
+    try:
+        array = np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise SpanqaError(f"{file}: missing (partial window store)") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise SpanqaError(f"{file}: corrupt: {err}") from None
+    if str(array.dtype) != meta["dtypes"].get(name):
+        raise SpanqaError(f"{file}: dtype {array.dtype}, meta.json says {meta['dtypes'].get(name)}")
+    return array
+
+
+def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    n, tokens = meta["counts"]["windows"], meta["counts"]["tokens"]
+    expected = {name: (n,) for name in WindowArrays.ARRAYS}
+    expected.update(input_ids=(tokens,), char_offsets=(tokens, 2), window_starts=(n + 1,))
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise SpanqaError(
+                f"{path / (name + '.npy')}: shape {arrays[name].shape}, expected {shape} from meta.json"
+            )
+    starts = arrays["window_starts"]
+    if n and (starts[0] != 0 or starts[-1] != tokens):
+        raise SpanqaError(f"{path / 'window_starts.npy'}: does not cover the {tokens} tokens")
+
+
+def build_meta(arrays: WindowArrays, n_examples: int, **sections: Any) -> dict:
+    """meta.json: format version, counts, dtypes, plus the given sections (tokenizer, settings, ...)."""
+    meta = {"format_version": FORMAT_VERSION, **sections}
+    meta["counts"] = {
+        "examples": n_examples,
+        "windows": len(arrays.window_lengths),
+        "tokens": len(arrays.input_ids),
+        "windows_with_answer": int((arrays.start_positions > 0).sum()),
+    }
+    meta["dtypes"] = {**DTYPES, "input_ids": token_dtype(sections["tokenizer"]["vocab_size"])}
+    return meta
+
+
+def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Example], meta: dict) -> Path:
+    """Write atomically: everything goes to a temporary sibling, which one rename turns into `out_dir`.
+
+    A store already at `out_dir` is replaced only after the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_dir(out_dir) as tmp:
+        for name in WindowArrays.ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(arrays, name).astype(meta["dtypes"][name], copy=False))
+        with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        # meta.json last: a directory without it is never taken for a store
+        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+@contextmanager
+def _temporary_dir(out_dir: Path):
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        # rename the old store aside first: rename cannot replace a non-empty directory
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
