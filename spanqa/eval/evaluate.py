@@ -1,0 +1,129 @@
+"""`spanqa evaluate`: score a predictions file with the official SQuAD v2 metric (any system's files).
+
+    spanqa evaluate --data_file dev-v2.0.json --predictions predictions.json [--null_odds null_odds.json]
+
+prints every figure as one JSON object on stdout; warnings (ids missing from or unknown to the data) go to
+stderr. Also the writer of the prediction files that training leaves in OUTPUT_DIR/eval/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from spanqa.eval.squad_metric import (
+    check_null_odds_cover,
+    load_json,
+    read_gold_questions,
+    squad_v2_scores,
+    validate_null_odds,
+    validate_predictions,
+)
+
+PREDICTIONS_FILE = "predictions.json"
+NULL_ODDS_FILE = "null_odds.json"
+REPORT_FILE = "eval_report.json"
+NBEST_FILE = "nbest_predictions.json"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="spanqa evaluate", description="Score SQuAD v1.1/v2.0 predictions like evaluate-v2.0.py."
+    )
+    parser.add_argument("--data_file", required=True, help="SQuAD JSON file with the gold answers")
+    parser.add_argument("--predictions", required=True, help="JSON object {question id: answer text}")
+    parser.add_argument(
+        "--null_odds", help="JSON object {question id: no-answer score}; adds the best-threshold figures"
+    )
+    parser.add_argument(
+        "--null_threshold",
+        type=float,
+        default=1.0,
+        help="answer '' where the null odds exceed this (default 1.0, as the official --na-prob-thresh)",
+    )
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    golds = read_gold_questions(args.data_file)
+    predictions = validate_predictions(load_json(args.predictions, "predictions file"), args.predictions)
+    null_odds = None
+    if args.null_odds:
+        null_odds = validate_null_odds(load_json(args.null_odds, "null odds file"), args.null_odds)
+    _warn_about_ids(golds, predictions, args.predictions)
+    if null_odds is not None:
+        check_null_odds_cover(null_odds, (g.id for g in golds), predictions, args.null_odds)
+    report = squad_v2_scores(golds, predictions, null_odds, args.null_threshold)
+    if args.out:
+        write_json_atomic(Path(args.out), report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _warn_about_ids(golds: list, predictions: Mapping[str, str], source: str) -> None:
+    known = {g.id for g in golds}
+    missing = len(known - predictions.keys())
+    unknown = len(predictions.keys() - known)
+    if missing:
+        print(
+            f"warning: {source}: {missing} of {len(known)} questions have no prediction; scored as wrong",
+            file=sys.stderr,
+        )
+    if unknown:
+        print(
+            f"warning: {source}: {unknown} ids are not questions of the data file; ignored", file=sys.stderr
+        )
+
+
+def write_prediction_files(
+    out_dir: str | Path,
+    predictions: Mapping[str, str],
+    null_odds: Mapping[str, float],
+    report: Mapping,
+    nbest: Mapping[str, list] | None = None,
+) -> dict[str, Path]:
+    """Write predictions.json, null_odds.json, eval_report.json (and nbest_predictions.json) into out_dir.
+
+    The first two are in the formats the official scorer takes (`--pred_file`, `--na-prob-file`). Infinite
+    null odds (a question with no valid span) are written as ±1e30 so that the files stay strict JSON.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        PREDICTIONS_FILE: dict(predictions),
+        NULL_ODDS_FILE: {qid: _finite(v) for qid, v in null_odds.items()},
+        REPORT_FILE: dict(report),
+    }
+    if nbest is not None:
+        files[NBEST_FILE] = dict(nbest)
+    written = {}
+    for name, content in files.items():
+        written[name] = write_json_atomic(out_dir / name, content)
+    return written
+
+
+def write_json_atomic(path: Path, content: object) -> Path:
+    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False, allow_nan=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finite(value: float) -> float:
+    value = float(value)
+    if value != value:
+        raise ValueError("null odds must not be NaN")
+    return max(-1e30, min(1e30, value))
