@@ -1,0 +1,466 @@
+"""spanqa's linear-chain CRF: pytorch-crf's function, without a Python loop over tokens.
+
+The chain over the active (mask on) positions of each row is written as a product of per-position
+[K, K] matrices in the log semiring (logsumexp, +) or the max-plus semiring (max, +):
+
+    M_t[i, j] = trans[i, j] + emit_t[j]        (an active position with an active predecessor)
+    M_t[i, j] = start[j] + emit_t[j]           (the first active position: every row the same)
+    M_t[i, j] += end[j]                        (the last active position)
+    M_t = log-identity                         (masked positions, and padding)
+
+so log Z = logsumexp_j (M_1 ⋯ M_T)[0, j]. The product is an associative reduction: a balanced
+tree (O(log T) sequential levels, O(T) work) gives log Z; walking the same tree back down with
+vectors instead of matrices (a Blelloch down-sweep) gives every prefix vector (alpha) and suffix
+vector (beta), hence the pairwise marginals, which are exactly the gradient of log Z with respect to
+each M_t (a hand-written backward: much cheaper than differentiating the tree). Viterbi is the
+max-plus reduction plus its prefix down-sweep; the best path is recovered from backpointer maps
+y_{t-1} = bp_t(y_t), whose composition is again associative (a doubling scan over [B, T, K] index
+maps) — the same tie-breaking as a sequential backtrack, so the path is always consistent.
+
+Masks may be any contiguous block per row (the context tokens after ``[CLS] question [SEP]``);
+the model is defined over the active positions in order, so a row with no active position has
+log Z = 0, log-likelihood 0, marginals 0, Viterbi score 0 and an empty path. Emissions of any
+float dtype are computed in float32 (float64 stays float64).
+
+On CUDA tensors a fused Triton kernel (``spanqa.model.crf_triton``) is used when triton imports.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from spanqa.errors import SpanqaError
+from spanqa.eval.candidates import WindowCandidates
+
+# log 0 stand-in: finite, so that max/logsumexp never compute inf - inf; exp() of anything near it
+# is exactly 0, and sums of a few of them stay far inside the float32 range.
+NEG = -1e30
+# emissions are clipped to this magnitude so that real scores never approach NEG
+_EMISSION_LIMIT = 1e20
+
+TAG_O, TAG_B, TAG_I = 0, 1, 2
+REDUCTIONS = ("none", "sum", "mean", "token_mean")
+
+
+# ----------------------------------------------------------------------------- semiring kernels
+def _log_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """[..., K, K] x [..., K, K] in the log semiring."""
+    s = a.unsqueeze(-1) + b.unsqueeze(-3)  # [..., i, j, k]
+    m = s.amax(dim=-2, keepdim=True)
+    return s.sub_(m).exp_().sum(-2).log_().add_(m.squeeze(-2))
+
+
+def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
+    return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
+
+
+def _log_vecmat(v: Tensor, a: Tensor) -> Tensor:
+    """[..., K] x [..., K, K] -> [..., K]: logsumexp_i v[i] + a[i, j]."""
+    s = v.unsqueeze(-1) + a
+    m = s.amax(dim=-2, keepdim=True)
+    return s.sub_(m).exp_().sum(-2).log_().add_(m.squeeze(-2))
+
+
+def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
+    """[..., K, K] x [..., K] -> [..., K]: logsumexp_j a[i, j] + w[j]."""
+    s = a + w.unsqueeze(-2)
+    m = s.amax(dim=-1, keepdim=True)
+    return s.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
+    return (v.unsqueeze(-1) + a).amax(dim=-2)
+
+
+def _log_identity(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    eye = torch.full((k, k), NEG, dtype=dtype, device=device)
+    return eye.fill_diagonal_(0.0)
+
+
+def _row_zero(batch: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The log one-hot vector e_0 [B, 1, K]: the chain reads row 0 of the product."""
+    v = torch.full((batch, 1, k), NEG, dtype=dtype, device=device)
+    v[..., 0] = 0.0
+    return v
+
+
+# ----------------------------------------------------------------------------- tree scan
+def _up_sweep(m: Tensor, matmul) -> tuple[list[Tensor], Tensor]:
+    """Pairwise products level by level; returns the (even-padded) levels and the [B, 1, K, K] total."""
+    batch, _, k, _ = m.shape
+    eye = _log_identity(k, m.dtype, m.device)
+    levels = []
+    while m.shape[1] > 1:
+        if m.shape[1] % 2:
+            m = torch.cat([m, eye.expand(batch, 1, k, k)], dim=1)
+        levels.append(m)
+        m = matmul(m[:, 0::2], m[:, 1::2])
+    return levels, m
+
+
+def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
+    """Vector entering each level-0 element: top_in ⊗ M_1 ⋯ M_{t-1}. Returns [B, T_padded, K]."""
+    v = top_in
+    for child in reversed(levels):
+        half = child.shape[1] // 2
+        v = v[:, :half]
+        right = vecmat(v, child[:, 0::2])
+        v = torch.stack([v, right], dim=2).flatten(1, 2)
+    return v
+
+
+def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor) -> Tensor:
+    """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out. Returns [B, T_padded, K]."""
+    w = top_out
+    for child in reversed(levels):
+        half = child.shape[1] // 2
+        w = w[:, :half]
+        left = _log_matvec(child[:, 1::2], w)
+        w = torch.stack([left, w], dim=2).flatten(1, 2)
+    return w
+
+
+def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
+    """p(y_{t-1} = i, y_t = j) [B, T, K, K] for every position (what d log Z / d M_t is)."""
+    batch, length, k, _ = m.shape
+    zeros = torch.zeros(batch, 1, k, dtype=m.dtype, device=m.device)
+    alpha = _prefix_down_sweep(levels, _row_zero(batch, k, m.dtype, m.device), _log_vecmat)[:, :length]
+    beta = _suffix_down_sweep(levels, zeros)[:, :length]
+    g = alpha.unsqueeze(-1) + m
+    g += beta.unsqueeze(-2)
+    g -= log_z.view(batch, 1, 1, 1)
+    return g.exp_()
+
+
+class _LogPartition(torch.autograd.Function):
+    """log Z from the chain matrices, with the forward-backward marginals as the hand-written gradient."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor) -> Tensor:
+        levels, total = _up_sweep(m, _log_matmul)
+        log_z = total[:, 0, 0].logsumexp(-1)
+        ctx.save_for_backward(m, log_z, *levels)
+        return log_z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_log_z: Tensor) -> Tensor:
+        m, log_z, *levels = ctx.saved_tensors
+        g = _pairwise_marginals(m, levels, log_z)
+        return g.mul_(grad_log_z.view(-1, 1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- the module
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _mask_positions(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """active, first active and last active position flags [B, T]."""
+    active = mask.bool()
+    count = active.cumsum(1)
+    first = active & (count == 1)
+    last = active & (count == count[:, -1:])
+    return active, first, last
+
+
+def _use_triton(emissions: Tensor) -> bool:
+    if not emissions.is_cuda:
+        return False
+    from spanqa.model import crf_triton
+
+    return crf_triton.available()
+
+
+class CRF(nn.Module):
+    """Linear-chain CRF with pytorch-crf's parameters and semantics (``batch_first=True``).
+
+    Emissions are [B, T, num_tags]; masks [B, T] (bool or 0/1) select a contiguous block of each row
+    (any start, not only a prefix); ``mask=None`` means every position.
+    """
+
+    def __init__(self, num_tags: int) -> None:
+        if num_tags <= 0:
+            raise ValueError(f"invalid number of tags: {num_tags}")
+        super().__init__()
+        self.num_tags = num_tags
+        self.batch_first = True
+        self.start_transitions = nn.Parameter(torch.empty(num_tags))
+        self.end_transitions = nn.Parameter(torch.empty(num_tags))
+        self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # pytorch-crf's initialisation
+        nn.init.uniform_(self.start_transitions, -0.1, 0.1)
+        nn.init.uniform_(self.end_transitions, -0.1, 0.1)
+        nn.init.uniform_(self.transitions, -0.1, 0.1)
+
+    def extra_repr(self) -> str:
+        return f"num_tags={self.num_tags}"
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, emissions: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if emissions.dim() != 3 or emissions.size(2) != self.num_tags:
+            raise ValueError(f"emissions must be [B, T, {self.num_tags}], got {tuple(emissions.shape)}")
+        if mask is None:
+            mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
+        if mask.shape != emissions.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match emissions {tuple(emissions.shape)}")
+        dtype = _compute_dtype(emissions, self.transitions)
+        emissions = emissions.to(dtype).clamp(-_EMISSION_LIMIT, _EMISSION_LIMIT)
+        active, first, last = _mask_positions(mask)
+        return emissions, active, first, last
+
+    def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        # -inf transitions (hard constraints) become NEG so that the scan never sees inf - inf
+        return (
+            self.start_transitions.to(dtype).clamp(min=NEG),
+            self.end_transitions.to(dtype).clamp(min=NEG),
+            self.transitions.to(dtype).clamp(min=NEG),
+        )
+
+    def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
+        k = self.num_tags
+        start, end, trans = self._params(emissions.dtype)
+        into = torch.where(first[..., None, None], start.view(1, 1, 1, k), trans.view(1, 1, k, k))
+        emit = torch.where(last[..., None], emissions + end, emissions)
+        m = into + emit.unsqueeze(-2)
+        eye = _log_identity(k, emissions.dtype, emissions.device)
+        return torch.where(active[..., None, None], m, eye)
+
+    # ------------------------------------------------------------------ public API
+    def log_partition(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
+        """log Z [B] (0 for a row with no active position)."""
+        emissions, active, first, last = self._prepare(emissions, mask)
+        if _use_triton(emissions):
+            from spanqa.model import crf_triton
+
+            return crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
+        return _LogPartition.apply(self._chain_matrices(emissions, active, first, last))
+
+    def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Unnormalised score [B] of the given tag sequences over the active positions."""
+        emissions, active, first, last = self._prepare(emissions, mask)
+        return self._gold_score(emissions, tags, active, last)
+
+    def _gold_score(self, emissions: Tensor, tags: Tensor, active: Tensor, last: Tensor) -> Tensor:
+        batch, length, k = emissions.shape
+        start, end, trans = self._params(emissions.dtype)
+        tags = torch.where(active, tags.long(), 0)
+        positions = torch.arange(length, device=tags.device).expand(batch, length)
+        latest = torch.where(active, positions, -1).cummax(dim=1).values
+        previous = torch.cat([latest.new_full((batch, 1), -1), latest[:, :-1]], dim=1)
+        has_previous = previous >= 0
+        tags_before = tags.gather(1, previous.clamp(min=0))
+        emit = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1)
+        into = torch.where(has_previous, trans.flatten()[tags_before * k + tags], start[tags])
+        out = torch.where(last, end[tags], 0.0)
+        return torch.where(active, emit + into + out, 0.0).sum(1)
+
+    def forward(
+        self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None, reduction: str = "sum"
+    ) -> Tensor:
+        """Log-likelihood of ``tags`` [B, T]; reduction none [B] | sum | mean (over rows) | token_mean."""
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"invalid reduction: {reduction}")
+        if tags.shape != emissions.shape[:2]:
+            raise ValueError(f"tags {tuple(tags.shape)} do not match emissions {tuple(emissions.shape)}")
+        emissions, active, first, last = self._prepare(emissions, mask)
+        if _use_triton(emissions):
+            from spanqa.model import crf_triton
+
+            log_z = crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
+        else:
+            log_z = _LogPartition.apply(self._chain_matrices(emissions, active, first, last))
+        llh = self._gold_score(emissions, tags, active, last) - log_z
+        if reduction == "none":
+            return llh
+        if reduction == "sum":
+            return llh.sum()
+        if reduction == "mean":
+            return llh.mean()
+        return llh.sum() / active.sum().to(llh.dtype)
+
+    @torch.no_grad()
+    def marginals(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
+        """p(y_t = j) [B, T, num_tags]; 0 at masked positions."""
+        emissions, active, first, last = self._prepare(emissions, mask)
+        if _use_triton(emissions):
+            from spanqa.model import crf_triton
+
+            return crf_triton.marginals(emissions, active, *self._params(emissions.dtype))
+        m = self._chain_matrices(emissions, active, first, last)
+        levels, total = _up_sweep(m, _log_matmul)
+        log_z = total[:, 0, 0].logsumexp(-1)
+        return _pairwise_marginals(m, levels, log_z).sum(-2)
+
+    @torch.no_grad()
+    def viterbi(self, emissions: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Best path score [B] and tags [B, T] (0 at masked positions; score 0 for an empty row)."""
+        emissions, active, first, last = self._prepare(emissions, mask)
+        if _use_triton(emissions):
+            from spanqa.model import crf_triton
+
+            return crf_triton.viterbi(emissions, active, *self._params(emissions.dtype))
+        return self._viterbi_torch(emissions, active, first, last)
+
+    def _viterbi_torch(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor):
+        batch, length, k = emissions.shape
+        m = self._chain_matrices(emissions, active, first, last)
+        levels, total = _up_sweep(m, _max_matmul)
+        score, best_last = total[:, 0, 0].max(dim=-1)
+        row0 = _row_zero(batch, k, m.dtype, m.device)
+        entering = _prefix_down_sweep(levels, row0, _max_vecmat)[:, :length]  # best score before t
+        _, _, trans = self._params(emissions.dtype)
+        pointers = (entering.unsqueeze(-1) + trans).argmax(dim=-2)  # y_{t-1} = pointers[t][y_t]
+        identity = torch.arange(k, device=emissions.device).expand(batch, length, k)
+        pointers = torch.where((active & ~first).unsqueeze(-1), pointers, identity)
+        tags = _follow_pointers(pointers, best_last)
+        return score, torch.where(active, tags, 0)
+
+    def decode(self, emissions: Tensor, mask: Tensor | None = None) -> list[list[int]]:
+        """pytorch-crf's list form: the best tags over each row's active positions."""
+        _, tags = self.viterbi(emissions, mask)
+        active = torch.ones_like(tags, dtype=torch.bool) if mask is None else mask.bool()
+        flat = tags[active].tolist()
+        paths, offset = [], 0
+        for n in active.sum(1).tolist():
+            paths.append(flat[offset : offset + n])
+            offset += n
+        return paths
+
+
+def _follow_pointers(pointers: Tensor, best_last: Tensor) -> Tensor:
+    """Tags y_t = (bp_{t+1} ∘ ⋯ ∘ bp_T)(best_last) for every t, by doubling over index maps."""
+    batch, length, k = pointers.shape
+    identity = torch.arange(k, device=pointers.device).expand(batch, 1, k)
+    suffix = torch.cat([pointers[:, 1:], identity], dim=1)  # bp_{t+1}
+    step = 1
+    while step < length:
+        # suffix[t] covers bp_{t+1..t+step}; compose with suffix[t+step] to cover twice as far
+        head = suffix[:, : length - step].gather(-1, suffix[:, step:])
+        suffix = torch.cat([head, suffix[:, length - step :]], dim=1)
+        step *= 2
+    index = best_last.view(batch, 1, 1).expand(batch, length, 1)
+    return suffix.gather(-1, index).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- QA helpers
+def bio_tags(start_positions: Tensor, end_positions: Tensor, context_mask: Tensor) -> Tensor:
+    """BIO tags [B, T] (O=0, B=1, I=2) of each window's answer; start 0 (the CLS index) means all O."""
+    context = context_mask.bool()
+    batch, length = context.shape
+    starts = start_positions.long().view(batch, 1)
+    ends = end_positions.long().view(batch, 1)
+    has_answer = starts > 0
+    positions = torch.arange(length, device=context.device).view(1, length)
+    inside = (starts <= positions) & (positions <= ends) & context
+    bad = has_answer.squeeze(1) & (
+        (ends < starts).squeeze(1) | (inside.sum(1) != (ends - starts + 1).view(-1))
+    )
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise SpanqaError(
+            f"bio_tags: start_positions[{row}]={int(starts[row])}, end_positions[{row}]={int(ends[row])}: "
+            "answer is not a span inside the context"
+        )
+    tags = torch.where(positions == starts, TAG_B, TAG_I)
+    return torch.where(inside & has_answer, tags, TAG_O)
+
+
+def _context_bounds(context_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """First and last context index and context length per row; rows must be one contiguous block."""
+    context = context_mask.bool()
+    length = context.sum(1)
+    positions = torch.arange(context.shape[1], device=context.device)
+    first = torch.where(context, positions, context.shape[1]).amin(1)
+    last = torch.where(context, positions, -1).amax(1)
+    gapped = (length > 0) & (last - first + 1 != length)
+    if bool(gapped.any()):
+        raise SpanqaError(
+            f"context_mask: row {int(gapped.nonzero()[0, 0])}: context is not one contiguous block"
+        )
+    return first, last, length
+
+
+def span_log_probs(
+    crf: CRF, emissions: Tensor, context_mask: Tensor, max_answer_length: int
+) -> tuple[Tensor, Tensor]:
+    """log p(O* B I* O* with the span at i..i+a) as [B, T, A] (-inf where not a span inside the
+    context) and log p(all O) [B], exactly, from cumulative sums: the all-O score plus what changes."""
+    if crf.num_tags != 3:
+        raise SpanqaError(f"span_candidates: crf.num_tags={crf.num_tags}: BIO spans need 3 tags")
+    if max_answer_length < 1:
+        raise SpanqaError(f"span_candidates: max_answer_length={max_answer_length}: must be at least 1")
+    log_z = crf.log_partition(emissions, context_mask)
+    emissions, _, _, _ = crf._prepare(emissions, context_mask)
+    start, end, trans = crf._params(emissions.dtype)
+    batch, length, _ = emissions.shape
+    first, last, n = _context_bounds(context_mask)
+    context = context_mask.bool()
+    e_o, e_b, e_i = emissions.unbind(-1)
+    o, b, i_ = TAG_O, TAG_B, TAG_I
+
+    all_o = start[o] + torch.where(context, e_o, 0.0).sum(1) + (n - 1) * trans[o, o] + end[o]
+    all_o = torch.where(n > 0, all_o, 0.0)
+
+    span_len = min(max_answer_length, length)
+    i = torch.arange(length, device=emissions.device).view(1, length, 1)
+    a = torch.arange(span_len, device=emissions.device).view(1, 1, span_len)
+    j = i + a
+    cum_i = torch.where(context, e_i - e_o, 0.0).cumsum(1)  # sum over I positions via differences
+    jc = j.clamp(max=length - 1).expand(batch, length, span_len)
+    inner_emit = cum_i.gather(1, jc.flatten(1)).view(batch, length, span_len) - cum_i.unsqueeze(-1)
+    delta = (e_b - e_o).unsqueeze(-1) + inner_emit
+    at_start = i == first.view(batch, 1, 1)
+    delta = delta + torch.where(at_start, start[b] - start[o], trans[o, b] - trans[o, o])
+    inner = torch.where(a > 0, trans[b, i_] + (a - 1) * trans[i_, i_] - a * trans[o, o], 0.0)
+    at_end = j == last.view(batch, 1, 1)
+    exit_end = torch.where(a > 0, end[i_], end[b]) - end[o]
+    exit_out = torch.where(a > 0, trans[i_, o], trans[b, o]) - trans[o, o]
+    delta = delta + inner + torch.where(at_end, exit_end, exit_out)
+    valid = (i >= first.view(batch, 1, 1)) & (j <= last.view(batch, 1, 1))
+    spans = torch.where(valid, all_o.view(batch, 1, 1) + delta - log_z.view(batch, 1, 1), float("-inf"))
+    return spans, all_o - log_z
+
+
+@torch.no_grad()
+def span_candidates(
+    crf: CRF, emissions: Tensor, context_mask: Tensor, n_best: int = 20, max_answer_length: int = 30
+) -> WindowCandidates:
+    """Top ``n_best`` spans of every window by log p(span) and the null score log p(all O)."""
+    spans, null = span_log_probs(crf, emissions, context_mask, max_answer_length)
+    batch, length, span_len = spans.shape
+    flat = spans.flatten(1)
+    k = min(n_best, flat.shape[1])
+    scores, index = flat.topk(k, dim=1)
+    starts = torch.where(torch.isfinite(scores), index // span_len, 0)
+    ends = torch.where(torch.isfinite(scores), starts + index % span_len, 0)
+    pad = n_best - k
+    if pad > 0:
+        scores = torch.cat([scores, scores.new_full((batch, pad), float("-inf"))], 1)
+        starts = torch.cat([starts, starts.new_zeros(batch, pad)], 1)
+        ends = torch.cat([ends, ends.new_zeros(batch, pad)], 1)
+    return WindowCandidates(
+        scores=scores.float().cpu().numpy(),
+        starts=starts.int().cpu().numpy(),
+        ends=ends.int().cpu().numpy(),
+        null_scores=null.float().cpu().numpy(),
+    )
+
+
+@torch.no_grad()
+def constrained_decode(
+    crf: CRF, emissions: Tensor, context_mask: Tensor, max_answer_length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Best path among all-O and O* B I* O* (one span): log-probability [B], start [B], end [B];
+    start = end = 0 (the CLS index) when all-O wins. ``max_answer_length=None``: no limit."""
+    limit = emissions.shape[1] if max_answer_length is None else max_answer_length
+    spans, null = span_log_probs(crf, emissions, context_mask, limit)
+    best, index = spans.flatten(1).max(dim=1)
+    span_wins = best > null
+    starts = torch.where(span_wins, index // spans.shape[2], 0)
+    ends = torch.where(span_wins, starts + index % spans.shape[2], 0)
+    return torch.where(span_wins, best, null), starts, ends
