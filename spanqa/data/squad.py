@@ -84,8 +84,10 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        where = "truncated JSON" if err.pos >= len(text.rstrip()) else "not valid JSON"
-        raise SpanqaError(f"{path}: {where}: {err.msg} at line {err.lineno} column {err.colno}") from None
+        # an unterminated string or an error at the very end means the file was cut short
+        cut_short = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        what = "truncated JSON" if cut_short else "not valid JSON"
+        raise SpanqaError(f"{path}: {what}: {err.msg} (line {err.lineno}, column {err.colno})") from None
 
 
 def load_squad(path: str | Path) -> tuple[list[Example], dict]:

@@ -1,0 +1,53 @@
+"""Shared fixtures.
+
+- `minilm_tokenizer` (session): the fast uncased BERT WordPiece tokenizer of all-MiniLM-L6-v2
+  (`spanqa.testing.minilm_dir()`), loaded once (~2 s).
+- `tiny_squad_file` / `tiny_squad_v1_file`: small SQuAD v2.0 / v1.1 files in tests/fixtures
+  (51 and 27 questions; see tests/fixtures/README.md).
+- `tiny_settings`: TINY_SETTINGS as a dict, for tests that prepare their own store alike.
+- `tiny_store` (session): the window store of `tiny_squad_file` prepared with the MiniLM tokenizer at
+  TINY_SETTINGS (max_seq_length 128, doc_stride 32, max_query_length 32, so that long contexts
+  really split into several windows: 51 examples -> ~90 windows). Read-only: do not write into it;
+  tests that need to modify a store prepare their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_SETTINGS = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32}
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from spanqa.data.windows import load_tokenizer
+    from spanqa.testing import minilm_dir
+
+    return load_tokenizer(minilm_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> dict[str, int]:
+    """The window settings of `tiny_store` (a fresh copy: safe to modify)."""
+    return dict(TINY_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_squad_file() -> Path:
+    return FIXTURES / "squad_v2_tiny.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_squad_v1_file() -> Path:
+    return FIXTURES / "squad_v1_tiny.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, minilm_tokenizer, tiny_squad_file):
+    from spanqa.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("tiny_store") / "store"
+    return prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **TINY_SETTINGS)

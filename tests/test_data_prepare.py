@@ -1,0 +1,339 @@
+"""`spanqa prepare` and the window store: round trip, reuse, staleness, atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from spanqa.cli import main as cli_main
+from spanqa.data import store as store_module
+from spanqa.data.prepare import prepare
+from spanqa.data.squad import load_squad
+from spanqa.data.store import WindowStore
+from spanqa.data.windows import WindowSettings, build_windows
+from spanqa.errors import SpanqaError
+from spanqa.testing import minilm_dir
+
+
+def test_store_round_trip(tiny_settings, tiny_store, tiny_squad_file, minilm_tokenizer):
+    examples, report = load_squad(tiny_squad_file)
+    arrays = build_windows(examples, minilm_tokenizer, WindowSettings(**tiny_settings))
+    store = WindowStore.open(tiny_store.path)
+    assert store.examples() == examples
+    for name in arrays.ARRAYS:
+        np.testing.assert_array_equal(getattr(store, name), getattr(arrays, name), err_msg=name)
+        assert isinstance(getattr(store, name), np.memmap), name
+    assert store.input_ids.dtype == np.uint16  # 30,522 ids fit
+    meta = store.meta
+    assert meta["counts"] == {
+        "examples": len(examples),
+        "windows": len(arrays.window_lengths),
+        "tokens": len(arrays.input_ids),
+        "windows_with_answer": int((arrays.start_positions > 0).sum()),
+    }
+    assert meta["settings"] == tiny_settings and meta["validation"] == report
+    assert len(meta["tokenizer"]["fingerprint"]) == 64 and len(meta["source"]["sha256"]) == 64
+    # more windows than examples: long contexts really were split at 128 tokens
+    assert len(store) > len(examples)
+
+
+def test_window_view(tiny_store, minilm_tokenizer):
+    i = int(np.argmax(tiny_store.start_positions))  # a window that holds its answer
+    w = tiny_store.window(i)
+    n = int(tiny_store.window_lengths[i])
+    assert w["input_ids"].dtype == np.int64 and len(w["input_ids"]) == n
+    assert w["input_ids"][0] == minilm_tokenizer.cls_token_id
+    assert w["input_ids"][w["context_start"] - 1] == w["input_ids"][n - 1] == minilm_tokenizer.sep_token_id
+    assert w["context_end"] == n - 2
+    assert list(w["token_type_ids"]) == [0] * w["context_start"] + [1] * (n - w["context_start"])
+    assert w["context_start"] <= w["start_position"] <= w["end_position"] <= w["context_end"]
+    assert w["index"] == i
+
+
+def test_same_inputs_reuse_the_store(tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch):
+    out = tmp_path / "store"
+    first = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a matching store must be reused without tokenizing again")
+
+    monkeypatch.setattr("spanqa.data.prepare.build_windows", no_tokenizing)
+    again = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    assert again.meta == first.meta and (out / "meta.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("change", ["settings", "source", "tokenizer", "version", "corrupt"])
+def test_other_inputs_rebuild_the_store(
+    tiny_settings, change, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
+):
+    out = tmp_path / "store"
+    data = tmp_path / "data.json"
+    shutil.copy(tiny_squad_file, data)
+    first = prepare(data, minilm_tokenizer, out, progress=False, **tiny_settings)
+    settings = dict(tiny_settings)
+    if change == "settings":
+        settings["doc_stride"] = 48
+    elif change == "source":
+        doc = json.loads(data.read_text())
+        doc["data"][0]["paragraphs"][0]["qas"][0]["question"] += " really?"
+        data.write_text(json.dumps(doc))
+    elif change == "tokenizer":
+        monkeypatch.setattr("spanqa.data.prepare.tokenizer_fingerprint", lambda tok: "0" * 64)
+    elif change == "version":
+        meta = json.loads((out / "meta.json").read_text())
+        meta["format_version"] = 0
+        (out / "meta.json").write_text(json.dumps(meta))
+    elif change == "corrupt":
+        (out / "input_ids.npy").write_bytes(b"\x93NUMPY garbage")
+    rebuilt = prepare(data, minilm_tokenizer, out, progress=False, **settings)
+    assert rebuilt.meta["settings"] == settings
+    if change == "source":
+        assert rebuilt.meta["source"]["sha256"] != first.meta["source"]["sha256"]
+        assert rebuilt.examples()[0].question.endswith(" really?")
+    if change == "tokenizer":
+        assert rebuilt.meta["tokenizer"]["fingerprint"] == "0" * 64
+    assert WindowStore.open(out).meta == rebuilt.meta
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_interrupted_write_leaves_no_store(
+    tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
+):
+    out = tmp_path / "store"
+    real_save = np.save
+    calls = []
+
+    def save_then_die(file, array):
+        calls.append(file)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_save(file, array)
+
+    monkeypatch.setattr(store_module.np, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_rebuild_keeps_the_old_store(
+    tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
+):
+    out = tmp_path / "store"
+    old = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.np, "save", die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            tiny_squad_file,
+            minilm_tokenizer,
+            out,
+            progress=False,
+            max_seq_length=96,
+            doc_stride=16,
+            max_query_length=32,
+        )
+    assert WindowStore.open(out).meta == old.meta
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
+def copy_store(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda p: (p / "meta.json").unlink(),
+            r"meta.json: missing \(not a window store, or a partial one\)",
+        ),
+        (lambda p: (p / "meta.json").write_text("{"), r"meta.json: corrupt"),
+        (
+            lambda p: (p / "end_positions.npy").unlink(),
+            r"end_positions.npy: missing \(partial window store\)",
+        ),
+        (lambda p: (p / "examples.jsonl").unlink(), r"examples.jsonl: missing \(partial window store\)"),
+        (
+            lambda p: (p / "input_ids.npy").write_bytes((p / "input_ids.npy").read_bytes()[:200]),
+            r"input_ids.npy: corrupt",
+        ),
+        (
+            lambda p: np.save(p / "window_lengths.npy", np.zeros(3, np.int16)),
+            r"window_lengths.npy: shape \(3,\), expected",
+        ),
+        (
+            lambda p: np.save(p / "start_positions.npy", np.zeros(3, np.int64)),
+            r"start_positions.npy: dtype int64, meta.json says int16",
+        ),
+        (
+            lambda p: (p / "meta.json").write_text(
+                json.dumps({**json.loads((p / "meta.json").read_text()), "format_version": 99})
+            ),
+            r"meta.json: store format version 99, this spanqa reads version 1",
+        ),
+    ],
+    ids=["no-meta", "bad-meta", "no-array", "no-examples", "truncated", "bad-shape", "bad-dtype", "version"],
+)
+def test_damaged_store_fails_to_open_naming_the_file(tiny_store, tmp_path, damage, message):
+    path = copy_store(tiny_store.path, tmp_path / "copy")
+    damage(path)
+    with pytest.raises(SpanqaError, match=message) as err:
+        WindowStore.open(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- the command line: every bad input gives one line on stderr, exit 2, and writes nothing ----
+
+
+def run_prepare(capsys, data_file, out, *extra, tokenizer=None):
+    args = ["prepare", "--data_file", str(data_file), "--tokenizer", str(tokenizer or minilm_dir())]
+    code = cli_main([*args, "--out", str(out), "--no_progress", *extra])
+    return code, capsys.readouterr()
+
+
+def test_cli_prepare_prints_counts(tiny_settings, tmp_path, capsys, tiny_squad_file):
+    code, output = run_prepare(
+        capsys,
+        tiny_squad_file,
+        tmp_path / "out",
+        *sum(([f"--{k}", str(v)] for k, v in tiny_settings.items()), []),
+    )
+    assert code == 0
+    assert "0 repaired, 0 dropped" in output.out and "windows" in output.out
+    assert WindowStore.open(tmp_path / "out").meta["settings"] == tiny_settings
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+BASE_DOC = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "T",
+            "paragraphs": [
+                {
+                    "context": "Paris is the capital of France.",
+                    "qas": [
+                        {
+                            "id": "a",
+                            "question": "Capital?",
+                            "answers": [{"text": "Paris", "answer_start": 0}],
+                        },
+                        {"id": "b", "question": "Q?", "answers": []},
+                    ],
+                }
+            ],
+        }
+    ],
+}
+
+
+def doc_with(edit):
+    doc = json.loads(json.dumps(BASE_DOC))
+    edit(doc)
+    return json.dumps(doc)
+
+
+BAD_FILES = {
+    "not-json": ("hello", "not valid JSON: Expecting value (line 1, column 1)"),
+    "truncated": (json.dumps(BASE_DOC)[:-30], "truncated JSON"),
+    "top-level": ("[]", "top level must be an object with a 'data' list"),
+    "missing-field": (
+        doc_with(lambda d: d["data"][0]["paragraphs"][0]["qas"][1].pop("id")),
+        "data[0].paragraphs[0].qas[1].id: missing field",
+    ),
+    "mistyped-field": (
+        doc_with(lambda d: d["data"][0]["paragraphs"][0].update(qas={})),
+        "data[0].paragraphs[0].qas: must be a list, got an object",
+    ),
+    "empty-context": (
+        doc_with(lambda d: d["data"][0]["paragraphs"][0].update(context="")),
+        "data[0].paragraphs[0].context: empty context",
+    ),
+    "duplicate-id": (
+        doc_with(lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(id="a")),
+        "data[0].paragraphs[0].qas[1].id: duplicate question id 'a'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_cli_bad_data_file(case, tmp_path, capsys):
+    text, message = BAD_FILES[case]
+    data = write(tmp_path / "bad.json", text)
+    code, output = run_prepare(capsys, data, tmp_path / "out")
+    assert code == 2
+    assert output.err.startswith(f"spanqa prepare: error: {data}: ")
+    assert message in output.err and output.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_cli_missing_data_file(tmp_path, capsys):
+    code, output = run_prepare(capsys, tmp_path / "nope.json", tmp_path / "out")
+    assert code == 2 and "nope.json: no such file" in output.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_tokenizer_that_cannot_be_loaded(tmp_path, capsys, tiny_squad_file):
+    empty = tmp_path / "no_tokenizer"
+    empty.mkdir()
+    code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", tokenizer=empty)
+    assert code == 2 and output.err.count("\n") == 1
+    assert f"--tokenizer: cannot load a tokenizer from '{empty}'" in output.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_slow_tokenizer_is_refused(tmp_path, capsys, tiny_squad_file):
+    # transformers 5 keeps the pure-Python BERT tokenizer as BertTokenizerLegacy: no character offsets
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "BertTokenizerLegacy"):
+        pytest.skip("this transformers has no BertTokenizerLegacy")
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    shutil.copy(minilm_dir() / "vocab.txt", slow / "vocab.txt")
+    (slow / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizerLegacy"}))
+    code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", tokenizer=slow)
+    assert code == 2 and output.err.count("\n") == 1
+    assert f"--tokenizer: '{slow}' is not a fast tokenizer" in output.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--max_seq_length", "128", "--doc_stride", "128"],
+            "--doc_stride: 128 must be smaller than --max_seq_length",
+        ),
+        (
+            ["--max_seq_length", "128", "--doc_stride", "100"],
+            "--doc_stride: 100 must be smaller than the context room",
+        ),
+        (["--max_query_length", "0"], "--max_query_length: must be a positive integer, got 0"),
+    ],
+)
+def test_cli_bad_window_settings(flags, message, tmp_path, capsys, tiny_squad_file):
+    code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", *flags)
+    assert code == 2 and message in output.err and output.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_to_replace_a_foreign_directory(tmp_path, capsys, tiny_squad_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, output = run_prepare(capsys, tiny_squad_file, out)
+    assert code == 2 and "is not empty and is not a window store" in output.err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
