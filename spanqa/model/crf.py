@@ -44,33 +44,80 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean")
 
 
 # ----------------------------------------------------------------------------- semiring kernels
+# K is tiny (3 for BIO), and torch reductions over a dimension of size 3 are several times slower
+# than elementwise ops, so the reduction over the inner index is unrolled into K elementwise terms.
+_UNROLL_MAX_K = 8
+
+
+def _lse_terms(terms: list[Tensor]) -> Tensor:
+    """Elementwise logsumexp of a list of same-shape tensors (the list is consumed)."""
+    m = terms[0]
+    for t in terms[1:]:
+        m = torch.maximum(m, t)
+    acc = torch.sub(terms[0], m).exp_()
+    for t in terms[1:]:
+        acc += t.sub_(m).exp_()
+    return acc.log_().add_(m)
+
+
+def _max_terms(terms: list[Tensor]) -> Tensor:
+    m = terms[0]
+    for t in terms[1:]:
+        m = torch.maximum(m, t)
+    return m
+
+
 def _log_matmul(a: Tensor, b: Tensor) -> Tensor:
     """[..., K, K] x [..., K, K] in the log semiring."""
-    s = a.unsqueeze(-1) + b.unsqueeze(-3)  # [..., i, j, k]
-    m = s.amax(dim=-2, keepdim=True)
-    return s.sub_(m).exp_().sum(-2).log_().add_(m.squeeze(-2))
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return torch.logsumexp(a.unsqueeze(-1) + b.unsqueeze(-3), dim=-2)
+    return _lse_terms([a[..., :, j : j + 1] + b[..., j : j + 1, :] for j in range(k)])
 
 
 def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
-    return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
+    return _max_terms([a[..., :, j : j + 1] + b[..., j : j + 1, :] for j in range(k)])
 
 
 def _log_vecmat(v: Tensor, a: Tensor) -> Tensor:
     """[..., K] x [..., K, K] -> [..., K]: logsumexp_i v[i] + a[i, j]."""
-    s = v.unsqueeze(-1) + a
-    m = s.amax(dim=-2, keepdim=True)
-    return s.sub_(m).exp_().sum(-2).log_().add_(m.squeeze(-2))
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return torch.logsumexp(v.unsqueeze(-1) + a, dim=-2)
+    return _lse_terms([v[..., i : i + 1] + a[..., i, :] for i in range(k)])
 
 
 def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
     """[..., K, K] x [..., K] -> [..., K]: logsumexp_j a[i, j] + w[j]."""
-    s = a + w.unsqueeze(-2)
-    m = s.amax(dim=-1, keepdim=True)
-    return s.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return torch.logsumexp(a + w.unsqueeze(-2), dim=-1)
+    return _lse_terms([a[..., :, j] + w[..., j : j + 1] for j in range(k)])
 
 
 def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    return (v.unsqueeze(-1) + a).amax(dim=-2)
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return (v.unsqueeze(-1) + a).amax(dim=-2)
+    return _max_terms([v[..., i : i + 1] + a[..., i, :] for i in range(k)])
+
+
+def _argmax_vecmat(v: Tensor, a: Tensor) -> Tensor:
+    """argmax_i v[..., i] + a[i, j] -> [..., K] (first index on ties, like a sequential backtrack)."""
+    k = a.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return (v.unsqueeze(-1) + a).argmax(dim=-2)
+    best = v[..., 0:1] + a[0]
+    index = torch.zeros(best.shape, dtype=torch.long, device=v.device)
+    for i in range(1, k):
+        term = v[..., i : i + 1] + a[i]
+        better = term > best
+        best = torch.where(better, term, best)
+        index.masked_fill_(better, i)
+    return index
 
 
 def _log_identity(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -133,22 +180,61 @@ def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tenso
     return g.exp_()
 
 
+# position kinds: which [K, K] block a position's chain matrix starts from
+_INNER, _FIRST, _MASKED = 0, 1, 2
+
+
+def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
+    """[3, K, K]: transitions, start (every row the same), log-identity — indexed by position kind."""
+    k = trans.shape[0]
+    eye = _log_identity(k, trans.dtype, trans.device)
+    return torch.stack([trans, start.expand(k, k), eye])
+
+
+def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
+    """M [B, T, K, K] = table[kind] + emit[..., None, :] (emit is 0 at masked positions)."""
+    batch, length, k = emit.shape
+    base = table.index_select(0, kind.flatten()).view(batch, length, k, k)
+    return base.add_(emit.unsqueeze(-2))
+
+
 class _LogPartition(torch.autograd.Function):
-    """log Z from the chain matrices, with the forward-backward marginals as the hand-written gradient."""
+    """log Z with the forward-backward marginals as the hand-written gradient.
+
+    Inputs: emit [B, T, K] (emissions, + end at the last active position, 0 where masked), the kind
+    table [3, K, K] and the position kinds [B, T]."""
 
     @staticmethod
-    def forward(ctx, m: Tensor) -> Tensor:
+    def forward(ctx, emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
+        m = _chain_from(emit, table, kind)
         levels, total = _up_sweep(m, _log_matmul)
         log_z = total[:, 0, 0].logsumexp(-1)
-        ctx.save_for_backward(m, log_z, *levels)
+        ctx.save_for_backward(m, kind, log_z, *levels)
         return log_z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_log_z: Tensor) -> Tensor:
-        m, log_z, *levels = ctx.saved_tensors
+    def backward(ctx, grad_log_z: Tensor):
+        m, kind, log_z, *levels = ctx.saved_tensors
+        batch, length, k, _ = m.shape
         g = _pairwise_marginals(m, levels, log_z)
-        return g.mul_(grad_log_z.view(-1, 1, 1, 1))
+        g *= grad_log_z.view(-1, 1, 1, 1).to(g.dtype)
+        # masked positions carry the state through an identity: they are not part of the model
+        grad_emit = _sum_rows(g).masked_fill_((kind == _MASKED).unsqueeze(-1), 0.0)
+        one_hot = torch.nn.functional.one_hot(kind.flatten(), 3).to(g.dtype)  # [B*T, 3]
+        grad_table = (one_hot.t() @ g.view(batch * length, k * k)).view(3, k, k)
+        return grad_emit, grad_table, None
+
+
+def _sum_rows(g: Tensor) -> Tensor:
+    """sum_i g[..., i, j] ([..., K, K] -> [..., K]), unrolled for small K."""
+    k = g.shape[-1]
+    if k > _UNROLL_MAX_K:
+        return g.sum(-2)
+    out = g[..., 0, :].clone()
+    for i in range(1, k):
+        out += g[..., i, :]
+    return out
 
 
 # ----------------------------------------------------------------------------- the module
@@ -221,14 +307,19 @@ class CRF(nn.Module):
             self.transitions.to(dtype).clamp(min=NEG),
         )
 
-    def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
-        k = self.num_tags
+    def _chain_inputs(
+        self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(emit, kind table, kinds) from which the chain matrices are built (see `_chain_from`)."""
         start, end, trans = self._params(emissions.dtype)
-        into = torch.where(first[..., None, None], start.view(1, 1, 1, k), trans.view(1, 1, k, k))
-        emit = torch.where(last[..., None], emissions + end, emissions)
-        m = into + emit.unsqueeze(-2)
-        eye = _log_identity(k, emissions.dtype, emissions.device)
-        return torch.where(active[..., None, None], m, eye)
+        emit = torch.where(last.unsqueeze(-1), emissions + end, emissions)
+        emit = emit.masked_fill(~active.unsqueeze(-1), 0.0)
+        kind = torch.full(active.shape, _INNER, dtype=torch.long, device=active.device)
+        kind.masked_fill_(first, _FIRST).masked_fill_(~active, _MASKED)
+        return emit, _kind_table(start, trans), kind
+
+    def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
+        return _chain_from(*self._chain_inputs(emissions, active, first, last))
 
     # ------------------------------------------------------------------ public API
     def log_partition(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -238,7 +329,7 @@ class CRF(nn.Module):
             from spanqa.model import crf_triton
 
             return crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
-        return _LogPartition.apply(self._chain_matrices(emissions, active, first, last))
+        return _LogPartition.apply(*self._chain_inputs(emissions, active, first, last))
 
     def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised score [B] of the given tag sequences over the active positions."""
@@ -273,7 +364,7 @@ class CRF(nn.Module):
 
             log_z = crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
         else:
-            log_z = _LogPartition.apply(self._chain_matrices(emissions, active, first, last))
+            log_z = _LogPartition.apply(*self._chain_inputs(emissions, active, first, last))
         llh = self._gold_score(emissions, tags, active, last) - log_z
         if reduction == "none":
             return llh
@@ -294,7 +385,8 @@ class CRF(nn.Module):
         m = self._chain_matrices(emissions, active, first, last)
         levels, total = _up_sweep(m, _log_matmul)
         log_z = total[:, 0, 0].logsumexp(-1)
-        return _pairwise_marginals(m, levels, log_z).sum(-2)
+        marginals = _sum_rows(_pairwise_marginals(m, levels, log_z))
+        return marginals.masked_fill_(~active.unsqueeze(-1), 0.0)
 
     @torch.no_grad()
     def viterbi(self, emissions: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -314,7 +406,7 @@ class CRF(nn.Module):
         row0 = _row_zero(batch, k, m.dtype, m.device)
         entering = _prefix_down_sweep(levels, row0, _max_vecmat)[:, :length]  # best score before t
         _, _, trans = self._params(emissions.dtype)
-        pointers = (entering.unsqueeze(-1) + trans).argmax(dim=-2)  # y_{t-1} = pointers[t][y_t]
+        pointers = _argmax_vecmat(entering, trans)  # y_{t-1} = pointers[t][y_t]
         identity = torch.arange(k, device=emissions.device).expand(batch, length, k)
         pointers = torch.where((active & ~first).unsqueeze(-1), pointers, identity)
         tags = _follow_pointers(pointers, best_last)

@@ -1,0 +1,138 @@
+"""spanqa's CRF against pytorch-crf, same parameters and inputs: log-likelihood forward+backward and
+Viterbi decode, median wall time, on CPU (and CUDA with the fused Triton kernel when present).
+
+    .venv/bin/python bench/crf.py            # table
+    .venv/bin/python bench/crf.py --json     # table, then one line of JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torchcrf
+
+from spanqa.model.crf import CRF
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    length: int
+    num_tags: int
+    min_length: int = 100
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch}xT{self.length}xK{self.num_tags}"
+
+
+CASES = (Case(32, 384, 3), Case(8, 384, 5))
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0):
+    """Emissions, gold tags and prefix masks of random lengths in [min_length, length]."""
+    gen = torch.Generator().manual_seed(seed)
+    emissions = torch.randn(case.batch, case.length, case.num_tags, generator=gen)
+    tags = torch.randint(0, case.num_tags, (case.batch, case.length), generator=gen)
+    lengths = torch.randint(case.min_length, case.length + 1, (case.batch,), generator=gen)
+    lengths[0] = case.length  # pytorch-crf needs one full row for its time-major loop to cover all
+    mask = torch.arange(case.length).view(1, -1) < lengths.view(-1, 1)
+    return emissions.to(device), tags.to(device), mask.to(device)
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (and Triton compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def fwd_bwd(crf, emissions, tags, mask):
+    def run():
+        e = emissions.detach().requires_grad_(True)
+        crf(e, tags, mask, reduction="mean").neg().backward()
+
+    return run
+
+
+def count_launches(fn) -> int:
+    """CUDA kernels launched by one call of fn, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
+    torch.manual_seed(0)
+    ref = torchcrf.CRF(case.num_tags, batch_first=True).to(device)
+    ours = CRF(case.num_tags).to(device)
+    ours.load_state_dict(ref.state_dict())
+    emissions, tags, mask = make_inputs(case, device)
+    row = {"case": case.name, "device": device.type}
+    row["ref_fwd_bwd_ms"] = median_ms(fwd_bwd(ref, emissions, tags, mask), repeats, device)
+    row["fwd_bwd_ms"] = median_ms(fwd_bwd(ours, emissions, tags, mask), repeats, device)
+    row["ref_viterbi_ms"] = median_ms(lambda: ref.decode(emissions, mask), repeats, device)
+    row["viterbi_ms"] = median_ms(lambda: ours.decode(emissions, mask), repeats, device)
+    row["fwd_bwd_speedup"] = row["ref_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    row["viterbi_speedup"] = row["ref_viterbi_ms"] / row["viterbi_ms"]
+    if device.type == "cuda":
+        row["ref_launches_fwd_bwd"] = count_launches(fwd_bwd(ref, emissions, tags, mask))
+        row["launches_fwd_bwd"] = count_launches(fwd_bwd(ours, emissions, tags, mask))
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'case':<16} {'dev':<5} {'ref f+b ms':>10} {'ours f+b':>9} {'x':>6} "
+        f"{'ref vit ms':>10} {'ours vit':>9} {'x':>6} {'launches ref/ours':>18}"
+    )
+    print(header)
+    for r in rows:
+        launches = f"{r['ref_launches_fwd_bwd']}/{r['launches_fwd_bwd']}" if "launches_fwd_bwd" in r else "-"
+        print(
+            f"{r['case']:<16} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {r['fwd_bwd_ms']:>9.2f} "
+            f"{r['fwd_bwd_speedup']:>6.1f} {r['ref_viterbi_ms']:>10.2f} {r['viterbi_ms']:>9.2f} "
+            f"{r['viterbi_speedup']:>6.1f} {launches:>18}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print a last line of JSON")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
+    args = parser.parse_args(argv)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    rows = [bench_case(case, device, args.repeats) for device in devices for case in CASES]
+    print_table(rows)
+    if args.json:
+        main_row = rows[0]
+        summary = {
+            "fwd_bwd_speedup": main_row["fwd_bwd_speedup"],
+            "viterbi_speedup": main_row["viterbi_speedup"],
+            "num_threads": torch.get_num_threads(),
+            "rows": rows,
+        }
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
