@@ -195,7 +195,7 @@ def _tokenize_contexts(examples, tokenizer, progress: bool) -> tuple[list[_Conte
     texts = list(index)
     out: list[_Context] = []
     for chunk in _batches(texts, progress, "contexts"):
-        with _quiet_transformers():  # long contexts are meant to exceed model_max_length: we cut windows
+        with quiet_transformers():  # long contexts are meant to exceed model_max_length: we cut windows
             enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
         for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             out.append(_Context(np.asarray(ids, np.int64), np.asarray(offsets, np.int32).reshape(-1, 2)))
@@ -203,7 +203,7 @@ def _tokenize_contexts(examples, tokenizer, progress: bool) -> tuple[list[_Conte
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging
 
     level = logging.get_verbosity()
