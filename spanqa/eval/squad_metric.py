@@ -53,7 +53,10 @@ def compute_exact(gold: str, pred: str) -> int:
 
 
 def compute_f1(gold: str, pred: str) -> float:
-    gold_tokens, pred_tokens = get_tokens(gold), get_tokens(pred)
+    return f1_of_tokens(get_tokens(gold), get_tokens(pred))
+
+
+def f1_of_tokens(gold_tokens: list[str], pred_tokens: list[str]) -> float:
     if not gold_tokens or not pred_tokens:
         # a no-answer agrees only with a no-answer
         return int(gold_tokens == pred_tokens)
@@ -160,10 +163,11 @@ def raw_scores(
         if qid not in predictions:
             exact[qid] = f1[qid] = 0
             continue
-        pred = predictions[qid]
-        golds = scoring_golds(question.answers)
-        exact[qid] = max(compute_exact(g, pred) for g in golds)
-        f1[qid] = max(compute_f1(g, pred) for g in golds)
+        # normalise each distinct text once; the figures are those of compute_exact/compute_f1
+        pred = normalize_answer(predictions[qid])
+        golds = {normalize_answer(g) for g in scoring_golds(question.answers)}
+        exact[qid] = max(int(g == pred) for g in golds)
+        f1[qid] = max(f1_of_tokens(g.split(), pred.split()) for g in golds)
     return exact, f1
 
 

@@ -1,0 +1,233 @@
+"""Post-processing + SQuAD v2 metric over a whole dev set, against a per-question Python loop.
+
+    .venv/bin/python bench/eval.py [--data_file ../shared/data/squad2/dev-v2.0.json] [--json]
+
+Prepares the data file into a window store (MiniLM tokenizer, 384/128; cached under the temp dir and
+reused), draws random start/end logits for every window (fixed seed), then times, on the same logits:
+  vectorised  spanqa.eval.postprocess.span_candidates + select_answers (numpy over all windows)
+  loop        transformers' run_qa postprocess_qa_predictions: for each question, for each of its windows,
+              argsort the context logits, try the n_best starts × n_best ends in Python, keep a dict
+              per valid pair, sort, cut the n_best texts
+  lean        the same search with every Python shortcut (plain floats, only the best span kept)
+and checks that all give the same answers. The metric (squad_v2_scores) is timed on the result.
+Timings are the median of --repeat runs. With --json the last line is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from spanqa.data.prepare import prepare  # noqa: E402
+from spanqa.eval.postprocess import select_answers, span_candidates  # noqa: E402
+from spanqa.eval.squad_metric import read_gold_questions, squad_v2_scores  # noqa: E402
+from spanqa.testing import minilm_dir, shared_squad2  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--data_file", default=str(shared_squad2("dev-v2.0.json")))
+    parser.add_argument("--store", help="window store dir (default: under the temp dir, reused)")
+    parser.add_argument("--max_seq_length", type=int, default=384)
+    parser.add_argument("--doc_stride", type=int, default=128)
+    parser.add_argument("--n_best", type=int, default=20)
+    parser.add_argument("--max_answer_length", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def random_logits(store, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Padded [n_windows, L] start/end logits (float32, like a model's) and the context mask."""
+    n, length = len(store), int(store.window_lengths.max())
+    rng = np.random.default_rng(seed)
+    start = rng.normal(size=(n, length)).astype(np.float32)
+    end = rng.normal(size=(n, length)).astype(np.float32)
+    positions = np.arange(length)
+    mask = (positions >= store.context_start[:, None]) & (positions <= store.context_end[:, None])
+    return start, end, mask
+
+
+def vectorised(store, start, end, mask, order, n_best, max_answer_length):
+    # rows in the eval loader's length-sorted order, as they come out of a real evaluation
+    cands = span_candidates(start[order], end[order], mask[order], n_best, max_answer_length)
+    return select_answers(cands, order, store, null_threshold=0.0)
+
+
+def run_qa_loop(store, start, end, n_best, max_answer_length):
+    """transformers' postprocess_qa_predictions, step for step, on the same logits.
+
+    Per question and window: argsort the logits, try the n_best × n_best (start, end) pairs in Python,
+    keep a candidate dict per valid pair, then sort the candidates and cut the texts of the n_best best.
+    One change so that both sides answer alike: starts and ends are ranked among context tokens only.
+    """
+    examples = store.examples()
+    windows_of = _windows_of(store, len(examples))
+    predictions, null_odds = {}, {}
+    for ex_i, example in enumerate(examples):
+        prelim, min_null = [], None
+        for w in windows_of[ex_i]:
+            s_logits, e_logits = start[w], end[w]
+            offsets = store.offsets(w)
+            cs, ce = int(store.context_start[w]), int(store.context_end[w])
+            null = float(s_logits[0] + e_logits[0])
+            if min_null is None or null < min_null:
+                min_null = null
+            start_indexes = (np.argsort(-s_logits[cs : ce + 1], kind="stable")[:n_best] + cs).tolist()
+            end_indexes = (np.argsort(-e_logits[cs : ce + 1], kind="stable")[:n_best] + cs).tolist()
+            for s in start_indexes:
+                for e in end_indexes:
+                    if e < s or e - s + 1 > max_answer_length:
+                        continue
+                    prelim.append(
+                        {
+                            "offsets": (int(offsets[s][0]), int(offsets[e][1])),
+                            "score": float(s_logits[s]) + float(e_logits[e]),
+                            "start_logit": s_logits[s],
+                            "end_logit": e_logits[e],
+                        }
+                    )
+        nbest = sorted(prelim, key=lambda x: x["score"], reverse=True)[:n_best]
+        for pred in nbest:
+            pred["text"] = example.context[pred["offsets"][0] : pred["offsets"][1]]
+        if not nbest:
+            predictions[example.id], null_odds[example.id] = "", float("inf")
+            continue
+        # float32 like the model's scores, so that both sides compare the same numbers
+        odds = float(np.float32(min_null)) - float(np.float32(nbest[0]["score"]))
+        null_odds[example.id] = odds
+        predictions[example.id] = "" if odds > 0.0 else nbest[0]["text"]
+    return predictions, null_odds
+
+
+def lean_loop(store, start, end, n_best, max_answer_length):
+    """The same search with every Python shortcut: plain floats, only the best span kept."""
+    examples = store.examples()
+    windows_of = _windows_of(store, len(examples))
+    predictions, null_odds = {}, {}
+    for ex_i, example in enumerate(examples):
+        best_score, best_span, min_null = -np.inf, None, np.inf
+        for w in windows_of[ex_i]:
+            cs, ce = int(store.context_start[w]), int(store.context_end[w])
+            s_logits, e_logits = start[w].tolist(), end[w].tolist()
+            min_null = min(min_null, s_logits[0] + e_logits[0])
+            top_starts = (np.argsort(-start[w, cs : ce + 1], kind="stable")[:n_best] + cs).tolist()
+            top_ends = (np.argsort(-end[w, cs : ce + 1], kind="stable")[:n_best] + cs).tolist()
+            for s in top_starts:
+                for e in top_ends:
+                    if e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = s_logits[s] + e_logits[e]
+                    if score > best_score:
+                        best_score, best_span = score, (w, s, e)
+        if best_span is None:
+            predictions[example.id], null_odds[example.id] = "", float("inf")
+            continue
+        w, s, e = best_span
+        base = int(store.window_starts[w])
+        text = example.context[int(store.char_offsets[base + s, 0]) : int(store.char_offsets[base + e, 1])]
+        odds = float(np.float32(min_null)) - float(np.float32(best_score))
+        null_odds[example.id] = odds
+        predictions[example.id] = "" if odds > 0.0 else text
+    return predictions, null_odds
+
+
+def _windows_of(store, n_examples: int) -> list[list[int]]:
+    windows_of: list[list[int]] = [[] for _ in range(n_examples)]
+    for w, ex in enumerate(store.example_index.tolist()):
+        windows_of[ex].append(w)
+    return windows_of
+
+
+def timed(fn: Callable, repeat: int):
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    store_dir = args.store or Path(tempfile.gettempdir()) / "spanqa-bench-eval" / (
+        f"{Path(args.data_file).stem}-minilm-{args.max_seq_length}-{args.doc_stride}"
+    )
+    t0 = time.perf_counter()
+    store = prepare(
+        args.data_file, str(minilm_dir()), store_dir, args.max_seq_length, args.doc_stride, progress=False
+    )
+    prepare_s = time.perf_counter() - t0
+    golds = read_gold_questions(args.data_file)
+    start, end, mask = random_logits(store, args.seed)
+    order = np.argsort(store.window_lengths, kind="stable")
+
+    post_s, (preds, odds) = timed(
+        lambda: vectorised(store, start, end, mask, order, args.n_best, args.max_answer_length), args.repeat
+    )
+    metric_s, report = timed(lambda: squad_v2_scores(golds, preds, odds), args.repeat)
+    loop_s, (loop_preds, loop_odds) = timed(
+        lambda: run_qa_loop(store, start, end, args.n_best, args.max_answer_length), args.repeat
+    )
+    lean_s, (lean_preds, _) = timed(
+        lambda: lean_loop(store, start, end, args.n_best, args.max_answer_length), args.repeat
+    )
+    differing = sum(preds[q] != loop_preds.get(q) for q in preds)
+    differing += sum(preds[q] != lean_preds.get(q) for q in preds)
+    odds_gap = max(abs(odds[q] - loop_odds[q]) for q in odds if np.isfinite(odds[q]))
+    result = {
+        "questions": len(store.examples()),
+        "windows": len(store),
+        "prepare_s": round(prepare_s, 3),
+        "postprocess_s": round(post_s, 4),
+        "metric_s": round(metric_s, 4),
+        "loop_s": round(loop_s, 4),
+        "speedup_vs_loop": round(loop_s / post_s, 1),
+        "lean_loop_s": round(lean_s, 4),
+        "speedup_vs_lean_loop": round(lean_s / post_s, 1),
+        "differing_predictions": differing,
+        "max_null_odds_gap": odds_gap,
+        "f1_random_logits": round(report["f1"], 3),
+        "n_best": args.n_best,
+        "max_answer_length": args.max_answer_length,
+        "repeat": args.repeat,
+    }
+    print_table(result)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if differing == 0 else 1
+
+
+def print_table(r: dict) -> None:
+    print(
+        f"{r['questions']} questions, {r['windows']} windows (store ready in {r['prepare_s']:.1f} s), "
+        f"n_best {r['n_best']}, max_answer_length {r['max_answer_length']}, median of {r['repeat']}"
+    )
+    print(f"{'step':<34}{'seconds':>10}{'vs loop':>10}")
+    print(
+        f"{'post-process, vectorised (spanqa)':<34}{r['postprocess_s']:>10.3f}{r['speedup_vs_loop']:>9.1f}x"
+    )
+    print(f"{'post-process, run_qa-style loop':<34}{r['loop_s']:>10.3f}{1.0:>9.1f}x")
+    lean_ratio = r["loop_s"] / r["lean_loop_s"]
+    print(f"{'post-process, lean Python loop':<34}{r['lean_loop_s']:>10.3f}{lean_ratio:>9.1f}x")
+    print(f"{'SQuAD v2 metric':<34}{r['metric_s']:>10.3f}{'':>10}")
+    print(
+        f"same predictions: {r['differing_predictions'] == 0} ({r['differing_predictions']} differ), "
+        f"largest null-odds gap {r['max_null_odds_gap']:.2e}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
