@@ -1,0 +1,354 @@
+"""`spanqa predict`: answer questions with a model exported by training (span or CRF head), no DeepSpeed.
+
+    spanqa predict --model out/best_model --question "Who wrote it?" --context "It was written by ..."
+    spanqa predict --model out/best_model --input questions.jsonl --output predictions.json
+
+`--input` takes SQuAD JSON (v1.1/v2.0; gold answers, if any, are ignored) or JSON lines of
+{"id", "question", "context"}. The output maps each id to {"answer", "score", "null_odds"}: the answer is
+"" when the null odds (null score − best span score, on the head's own scale) exceed the null threshold.
+
+Inputs go through exactly the windows that training and evaluation use: they are written as a temporary
+SQuAD file and prepared into a temporary window store by `spanqa.data.prepare`, so long contexts are cut
+into the same overlapping windows with the model's own max_seq_length / doc_stride / max_query_length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spanqa.errors import SpanqaError
+
+# Used when an export's spanqa_config.json lacks a setting (the values of BERT's SQuAD recipe).
+DEFAULT_SETTINGS = {
+    "max_seq_length": 384,
+    "doc_stride": 128,
+    "max_query_length": 64,
+    "max_answer_length": 30,
+    "n_best_size": 20,
+    "null_threshold": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    context: str
+
+
+@dataclass
+class Prediction:
+    answer: str
+    score: float | None  # best span score on the head's scale; None when no span could be formed
+    null_odds: float | None  # null score - best span score; None when there was no span at all
+    windows: int  # how many windows the context was cut into
+
+    def as_json(self) -> dict[str, Any]:
+        return {"answer": self.answer, "score": self.score, "null_odds": self.null_odds}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Questions from SQuAD JSON or JSON lines; SpanqaError naming the file and line/JSON path."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpanqaError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpanqaError(f"{path}: cannot read: {err}") from None
+    if not text.strip():
+        raise SpanqaError(f"{path}: empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None  # not one JSON document: JSON lines, or broken (json_lines says where)
+    if isinstance(data, dict) and "data" in data:
+        questions = squad_questions(data, str(path))
+    elif isinstance(data, list):
+        questions = [_question(item, str(path), f"[{i}]", str(i)) for i, item in enumerate(data)]
+    else:
+        questions = json_lines(text, str(path))
+    return _checked_unique(questions, str(path))
+
+
+def squad_questions(data: dict, source: str) -> list[Question]:
+    articles = data["data"]
+    if not isinstance(articles, list):
+        raise SpanqaError(f"{source}: data: expected a list of articles, got {type(articles).__name__}")
+    questions = []
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise SpanqaError(f"{source}: data[{a}].paragraphs: expected a list")
+        for p, paragraph in enumerate(paragraphs):
+            at = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph, dict):
+                raise SpanqaError(f"{source}: {at}: expected an object")
+            context = _text(paragraph, "context", source, at)
+            qas = paragraph.get("qas")
+            if not isinstance(qas, list):
+                raise SpanqaError(f"{source}: {at}.qas: expected a list")
+            for q, qa in enumerate(qas):
+                qat = f"{at}.qas[{q}]"
+                if not isinstance(qa, dict):
+                    raise SpanqaError(f"{source}: {qat}: expected an object")
+                qid = qa.get("id")
+                if not isinstance(qid, str) or not qid:
+                    raise SpanqaError(f"{source}: {qat}.id: expected a non-empty string")
+                questions.append(Question(qid, _text(qa, "question", source, qat), context))
+    return questions
+
+
+def json_lines(text: str, source: str) -> list[Question]:
+    questions = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpanqaError(
+                f"{source}: line {number}: not valid JSON ({err.msg}, column {err.colno}); "
+                'expected SQuAD JSON or JSON lines of {"id", "question", "context"}'
+            ) from None
+        questions.append(_question(item, source, f"line {number}", f"line{number}"))
+    return questions
+
+
+def _question(item: Any, source: str, at: str, default_id: str) -> Question:
+    if not isinstance(item, dict):
+        raise SpanqaError(f'{source}: {at}: expected an object with "question" and "context"')
+    qid = item.get("id", default_id)
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or qid == "":
+        raise SpanqaError(f"{source}: {at}: id: expected a non-empty string")
+    return Question(str(qid), _text(item, "question", source, at), _text(item, "context", source, at))
+
+
+def _text(obj: dict, key: str, source: str, at: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise SpanqaError(f"{source}: {at}.{key}: expected a string, found {found}")
+    if not value.strip():
+        raise SpanqaError(f"{source}: {at}.{key}: empty")
+    return value
+
+
+def _checked_unique(questions: list[Question], source: str) -> list[Question]:
+    if not questions:
+        raise SpanqaError(f"{source}: no questions")
+    seen: set[str] = set()
+    for q in questions:
+        if q.id in seen:
+            raise SpanqaError(f"{source}: duplicate question id {q.id!r}")
+        seen.add(q.id)
+    return questions
+
+
+# --------------------------------------------------------------------------------------------- predicting
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    questions: list[Question],
+    settings: dict,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict[str, Prediction]:
+    """Answers to `questions` from a loaded QAModel (see `spanqa.model.build.load_model`).
+
+    `settings`: the export's spanqa_config.json values (windows, max_answer_length, n_best_size,
+    null_threshold); missing ones fall back to DEFAULT_SETTINGS.
+    """
+    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+    with tempfile.TemporaryDirectory(prefix="spanqa-predict-") as tmp:
+        store = prepare_store(questions, tokenizer, Path(tmp), settings)
+        cands, window_indices = run_windows(model, store, settings, batch_size, device)
+        return select(cands, window_indices, store, settings)
+
+
+def prepare_store(questions: list[Question], tokenizer: Any, tmp: Path, settings: dict):
+    """The window store of `questions`, built by the same `prepare` as training data."""
+    from spanqa.data.prepare import prepare
+
+    squad = {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "",
+                # One paragraph per question; `prepare` tokenizes each distinct context once anyway.
+                # Marked unanswerable so that validation keeps them (a question with no gold answer
+                # is otherwise dropped); the labels play no part in prediction.
+                "paragraphs": [
+                    {
+                        "context": q.context,
+                        "qas": [{"id": q.id, "question": q.question, "is_impossible": True}],
+                    }
+                    for q in questions
+                ],
+            }
+        ],
+    }
+    source = tmp / "questions.json"
+    source.write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
+    return prepare(
+        source,
+        tokenizer,
+        tmp / "store",
+        max_seq_length=int(settings["max_seq_length"]),
+        doc_stride=int(settings["doc_stride"]),
+        max_query_length=int(settings["max_query_length"]),
+        progress=False,
+    )
+
+
+def run_windows(model: Any, store: Any, settings: dict, batch_size: int, device: str):
+    """WindowCandidates of every window of `store` (in loader order) and the store index of each row."""
+    import numpy as np
+    import torch
+
+    from spanqa.data.loader import make_loader
+    from spanqa.eval.candidates import WindowCandidates
+
+    loader, _ = make_loader(store, batch_size, shuffle=False)
+    model = model.to(device).eval()
+    parts, indices = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            indices.append(batch["window_index"].numpy())
+            inputs = {
+                name: batch[name].to(device)
+                for name in ("input_ids", "attention_mask", "token_type_ids", "context_mask")
+            }
+            outputs = model(**inputs)
+            parts.append(
+                model.candidates(
+                    outputs,
+                    inputs["context_mask"],
+                    n_best=int(settings["n_best_size"]),
+                    max_answer_length=int(settings["max_answer_length"]),
+                )
+            )
+    return WindowCandidates.concatenate(parts), np.concatenate(indices)
+
+
+def select(cands, window_indices, store, settings: dict) -> dict[str, Prediction]:
+    import numpy as np
+
+    from spanqa.eval.postprocess import best_per_example, select_answers
+
+    examples = store.examples()
+    answers, null_odds = select_answers(
+        cands, window_indices, store, null_threshold=float(settings["null_threshold"])
+    )
+    best = best_per_example(cands, window_indices, store, len(examples))
+    windows = np.bincount(np.asarray(store.example_index, dtype=np.int64), minlength=len(examples))
+    return {
+        ex.id: Prediction(
+            answer=answers[ex.id],
+            score=_finite(best["score"][i]),
+            null_odds=_finite(null_odds[ex.id]),
+            windows=int(windows[i]),
+        )
+        for i, ex in enumerate(examples)
+    }
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="spanqa predict", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", required=True, help="directory written by training (OUTPUT_DIR/best_model)"
+    )
+    parser.add_argument("--question", help="one question (with --context)")
+    parser.add_argument("--context", help="the passage that --question is asked about")
+    parser.add_argument("--input", help='SQuAD JSON or JSON lines of {"id", "question", "context"}')
+    parser.add_argument("--output", help="predictions JSON to write (default with --input: predictions.json)")
+    parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument(
+        "--null_threshold", type=float, help='answer "" when null odds exceed it (default: the export\'s)'
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
+    return parser.parse_args(argv)
+
+
+def questions_from_args(args: argparse.Namespace) -> list[Question]:
+    if args.input is not None:
+        if args.question is not None or args.context is not None:
+            raise SpanqaError("--input: give either --input or --question/--context, not both")
+        return read_questions(args.input)
+    if args.question is None or args.context is None:
+        missing = "--context" if args.question is not None else "--question"
+        if args.question is None and args.context is None:
+            raise SpanqaError("--input or --question/--context: nothing to answer")
+        raise SpanqaError(f"{missing}: needed with {'--question' if missing == '--context' else '--context'}")
+    for flag, value in (("--question", args.question), ("--context", args.context)):
+        if not value.strip():
+            raise SpanqaError(f"{flag}: empty")
+    return [Question("question", args.question, args.context)]
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise SpanqaError(f"--batch_size: must be a positive integer, got {args.batch_size}")
+    questions = questions_from_args(args)
+    from transformers.utils import logging as transformers_logging
+
+    from spanqa.model.build import load_model
+
+    transformers_logging.disable_progress_bar()  # a per-file "Loading weights" bar is noise here
+    model, tokenizer, settings = load_model(args.model)
+    if args.null_threshold is not None:
+        settings = {**settings, "null_threshold": args.null_threshold}
+    device = args.device or _default_device()
+    predictions = predict(model, tokenizer, questions, settings, args.batch_size, device)
+    output = {qid: p.as_json() for qid, p in predictions.items()}
+
+    out_path = args.output or ("predictions.json" if args.input is not None else None)
+    if out_path is not None:
+        write_json_atomic(Path(out_path), output)
+        answered = sum(1 for p in predictions.values() if p.answer)
+        windows = sum(p.windows for p in predictions.values())
+        print(
+            f"{len(predictions)} questions ({windows} windows, {answered} answered, "
+            f"{len(predictions) - answered} no answer) -> {out_path}",
+            file=sys.stderr,
+        )
+    if args.input is None:
+        print(json.dumps(output["question"], ensure_ascii=False))
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,225 @@
+"""`spanqa predict` on models exported from a tiny random BERT, with both heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spanqa.cli import main as cli_main
+from spanqa.errors import SpanqaError
+from spanqa.predict import Question, predict, read_questions
+
+# Small windows so that a paragraph of a few sentences already needs several of them.
+SETTINGS = {
+    "max_seq_length": 64,
+    "doc_stride": 16,
+    "max_query_length": 16,
+    "max_answer_length": 8,
+    "n_best_size": 10,
+    "null_threshold": 0.0,
+}
+SHORT_CONTEXT = "The tower was designed by Gustave Eiffel and finished in 1889 for the World Fair in Paris."
+LONG_CONTEXT = " ".join(
+    f"In year {1800 + i} the council of town number {i} met {i % 7} times and planted {3 * i} trees."
+    for i in range(12)
+)
+QUESTIONS = [
+    Question("q-short", "Who designed the tower?", SHORT_CONTEXT),
+    Question("q-long", "How many trees were planted by town number 9?", LONG_CONTEXT),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoTokenizer
+
+    from spanqa.model.build import build_model, export_model
+    from spanqa.testing import tiny_bert_dir
+
+    root = tmp_path_factory.mktemp("models")
+    tiny = tiny_bert_dir(root / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny))
+    dirs = {}
+    for head in ("span", "crf"):
+        model = build_model(str(tiny), head)
+        export_model(model, tokenizer, root / head, settings=SETTINGS)
+        dirs[head] = root / head
+    return dirs
+
+
+def loaded(model_dir: Path):
+    from spanqa.model.build import load_model
+
+    return load_model(model_dir)
+
+
+def reference_span_answers(model_dir: Path, questions: list[Question], max_answer_length: int) -> dict:
+    """Best non-null span per question, straight from transformers: the tokenizer's own overflowing pair
+    windows, AutoModelForQuestionAnswering logits and a brute-force search over context spans."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+    answers = {}
+    for q in questions:
+        enc = tokenizer(
+            q.question,
+            q.context,
+            truncation="only_second",
+            max_length=SETTINGS["max_seq_length"],
+            stride=SETTINGS["doc_stride"],
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                token_type_ids=enc["token_type_ids"],
+            )
+        best = (-np.inf, "", 0)
+        for w in range(len(enc["input_ids"])):
+            context = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+            start, end = out.start_logits[w].numpy(), out.end_logits[w].numpy()
+            for s in context:
+                for e in context:
+                    if s <= e < s + max_answer_length and start[s] + end[e] > best[0]:
+                        offsets = enc["offset_mapping"][w]
+                        best = (float(start[s] + end[e]), q.context[offsets[s][0] : offsets[e][1]], w)
+        answers[q.id] = {"score": best[0], "answer": best[1], "windows": len(enc["input_ids"])}
+    return answers
+
+
+def test_span_head_matches_transformers_reference(exported):
+    model, tokenizer, settings = loaded(exported["span"])
+    no_null = {**settings, "null_threshold": float("inf")}
+    got = predict(model, tokenizer, QUESTIONS, no_null, batch_size=3)
+    want = reference_span_answers(exported["span"], QUESTIONS, SETTINGS["max_answer_length"])
+    assert got["q-short"].windows == 1
+    assert got["q-long"].windows == want["q-long"]["windows"] > 2
+    for q in QUESTIONS:
+        assert got[q.id].answer == want[q.id]["answer"]
+        assert got[q.id].score == pytest.approx(want[q.id]["score"], abs=1e-4)
+
+
+@pytest.mark.parametrize("head", ["span", "crf"])
+def test_null_threshold_decides_between_answer_and_no_answer(exported, head):
+    model, tokenizer, settings = loaded(exported[head])
+    always = predict(model, tokenizer, QUESTIONS, {**settings, "null_threshold": float("inf")})
+    never = predict(model, tokenizer, QUESTIONS, {**settings, "null_threshold": float("-inf")})
+    for q in QUESTIONS:
+        p = always[q.id]
+        assert p.answer and p.answer in q.context
+        assert np.isfinite(p.score) and np.isfinite(p.null_odds)
+        assert never[q.id].answer == ""
+        assert never[q.id].null_odds == pytest.approx(p.null_odds)
+    if head == "crf":
+        # log-probabilities of a span and of the all-O tagging
+        assert all(always[q.id].score <= 0 for q in QUESTIONS)
+
+
+@pytest.mark.parametrize("head", ["span", "crf"])
+def test_question_and_input_file_forms_agree(exported, head, tmp_path, capsys):
+    model_dir = str(exported[head])
+    short, long = QUESTIONS
+    assert (
+        cli_main(["predict", "--model", model_dir, "--question", long.question, "--context", long.context])
+        == 0
+    )
+    single = json.loads(capsys.readouterr().out)
+    assert set(single) == {"answer", "score", "null_odds"}
+
+    jsonl = tmp_path / "questions.jsonl"
+    jsonl.write_text("\n".join(json.dumps(q.__dict__) for q in QUESTIONS) + "\n")
+    squad = tmp_path / "questions.json"
+    paragraphs = [{"context": q.context, "qas": [{"id": q.id, "question": q.question}]} for q in QUESTIONS]
+    squad.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    outputs = {}
+    for source in (jsonl, squad):
+        out = tmp_path / f"{source.suffix[1:]}-predictions.json"
+        args = [
+            "predict",
+            "--model",
+            model_dir,
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--batch_size",
+            "2",
+        ]
+        assert cli_main(args) == 0
+        outputs[source.suffix] = json.loads(out.read_text())
+    assert outputs[".jsonl"] == outputs[".json"]
+    assert set(outputs[".json"]) == {"q-short", "q-long"}
+    assert outputs[".json"]["q-long"] == single
+
+
+def test_read_questions_accepts_lists_and_default_ids(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(
+        json.dumps([{"question": "Q1?", "context": "C one."}, {"id": 7, "question": "Q2?", "context": "C"}])
+    )
+    assert [q.id for q in read_questions(path)] == ["0", "7"]
+    lines = tmp_path / "q.jsonl"
+    lines.write_text(
+        '{"question": "Q?", "context": "C."}\n\n{"id": "b", "question": "R?", "context": "D."}\n'
+    )
+    assert [q.id for q in read_questions(lines)] == ["line1", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"id": "a", "question": "Q?", "context": "C."}\n{"id": "b", "question": "Q?"',
+            "line 2: not valid JSON",
+        ),
+        ('{"id": "a", "question": "Q?"}\n', "line 1.context: expected a string, found missing"),
+        ('{"id": "a", "question": " ", "context": "C."}\n', "line 1.question: empty"),
+        (
+            '{"id": "a", "question": "Q?", "context": "C."}\n'
+            '{"id": "a", "question": "R?", "context": "D."}\n',
+            "duplicate",
+        ),
+        ('{"data": [{"paragraphs": [{"context": "C.", "qas": [{"question": "Q?"}]}]}]}', "qas[0].id"),
+        ("", "empty file"),
+    ],
+)
+def test_bad_input_files_name_what_and_where(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(SpanqaError) as err:
+        read_questions(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--question", "Q?"], "--context: needed with --question"),
+        ([], "nothing to answer"),
+        (["--input", "x.jsonl", "--question", "Q?"], "not both"),
+        (["--input", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--question", "Q?", "--context", "C.", "--batch_size", "0"], "--batch_size"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(exported, tmp_path, capsys, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["predict", "--model", str(exported["span"]), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spanqa predict: error: ") and message in err
+    assert "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    assert cli_main(["predict", "--model", str(tmp_path), "--question", "Q?", "--context", "C."]) == 2
+    assert "spanqa_config.json: missing" in capsys.readouterr().err
