@@ -177,7 +177,8 @@ def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tenso
     g = alpha.unsqueeze(-1) + m
     g += beta.unsqueeze(-2)
     g -= log_z.view(batch, 1, 1, 1)
-    return g.exp_()
+    # a probability: rounding at huge scores must not push it above 1 (or overflow exp)
+    return g.clamp_(max=0.0).exp_()
 
 
 # position kinds: which [K, K] block a position's chain matrix starts from
