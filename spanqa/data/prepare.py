@@ -38,7 +38,9 @@ def prepare(
 
     `tokenizer` is a fast Hugging Face tokenizer or a name/path to load one from. An existing store is
     reused only when its meta.json records the same source sha256, tokenizer fingerprint, window
-    settings and format version; otherwise it is rebuilt and replaced atomically.
+    settings and format version; otherwise it is rebuilt and replaced atomically. With `progress`,
+    shows progress bars and prints the summary (counts, repairs, drops) to stderr at the end.
+    In data-parallel jobs call it on one rank and let the others wait, then open the store.
     """
     data_file, out_dir = Path(data_file), Path(out_dir)
     settings = WindowSettings(max_seq_length, doc_stride, max_query_length)
@@ -55,6 +57,7 @@ def prepare(
     existing = reusable_store(out_dir, wanted)
     if existing is not None:
         _say(progress, f"reusing the window store {out_dir} (same source, tokenizer and settings)")
+        _say(progress, summary(existing))
         return existing
     started = time.perf_counter()
     examples, report = load_squad(data_file)
@@ -76,7 +79,9 @@ def prepare(
     )
     meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
     write_store(out_dir, arrays, examples, meta)
-    return WindowStore.open(out_dir)
+    store = WindowStore.open(out_dir)
+    _say(progress, summary(store))
+    return store
 
 
 def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:
@@ -164,6 +169,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
     store = prepare(
         args.data_file,
         args.tokenizer,
@@ -171,7 +177,8 @@ def main(argv: list[str]) -> int:
         max_seq_length=args.max_seq_length,
         doc_stride=args.doc_stride,
         max_query_length=args.max_query_length,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=progress,
     )
-    print(summary(store))
+    if not progress:  # else prepare() has printed it
+        print(summary(store))
     return 0
