@@ -1,0 +1,48 @@
+"""Train a span-extraction QA model data-parallel: config → distributed init → Trainer → train → close.
+
+One process (CPU or one GPU):
+    python launcher/train.py --model SpanBERT/spanbert-base-cased --head span --preset spanbert \\
+        --train_file train-v2.0.json --dev_file dev-v2.0.json --output_dir runs/span
+Many processes on one machine (one per GPU; on a machine without GPUs, CPU processes with gloo):
+    deepspeed --num_gpus 8 launcher/train.py --deepspeed_config ds_configs/bf16_zero1.json ...
+    torchrun --nproc_per_node 8 launcher/train.py ...
+Many nodes (no ssh between them under SLURM: one task per GPU started by srun, see slurm/train.sbatch):
+    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launcher/train.py ...
+    torchrun --nnodes 2 --node_rank N --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \\
+        launcher/train.py ...
+Resume after a stop or a preemption: the same command with `--resume auto`.
+
+Multi-process runs get OMP_NUM_THREADS=1 unless it is set (as torchrun does; the deepspeed launcher
+does not, and CPU ranks then oversubscribe the cores). `python launcher/train.py --help` lists the flags.
+"""
+
+import sys
+
+from spanqa.train.entry import default_omp_threads
+
+default_omp_threads()  # before torch is imported
+
+from spanqa.config import parse_train_args  # noqa: E402
+from spanqa.errors import SpanqaError  # noqa: E402
+from spanqa.train.distributed import destroy_distributed, init_distributed  # noqa: E402
+from spanqa.train.engine import Trainer  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    config = parse_train_args(argv)
+    env = init_distributed()
+    try:
+        trainer = Trainer(config, env)
+        outcome = trainer.train()
+        trainer.close("KILLED" if outcome == "preempted" else "FINISHED")
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except SpanqaError as err:
+        print(f"launcher/train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,116 @@
+"""Checkpoint layout, the `complete` marker, and the process state that DeepSpeed does not save.
+
+OUTPUT_DIR/checkpoints/step-00000120/   DeepSpeed's files for optimizer step 120 (every rank writes its part)
+    rng-rank0.pt, rng-rank1.pt, ...    each rank's RNG states (python, numpy, torch, cuda)
+    complete                           written by rank 0 after every rank finished saving
+
+A directory without `complete` (a save that was interrupted) is never taken by `--resume auto`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spanqa.errors import SpanqaError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "complete"
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_complete(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_complete(checkpoint_root(output_dir))
+    path = Path(resume)
+    if not is_complete(path):
+        raise SpanqaError(f"--resume: {path}: not a complete checkpoint (no '{COMPLETE}' marker)")
+    return path
+
+
+def mark_complete(path: Path, info: dict) -> None:
+    """Atomically write the marker (with a small summary, for people) once all ranks saved."""
+    tmp = path / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path / COMPLETE)
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than them."""
+    complete = complete_checkpoints(root)
+    if len(complete) <= keep:
+        return []
+    newest_kept = complete[-keep].name
+    doomed = complete[:-keep] + [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and not is_complete(p) and p.name < newest_kept
+    ]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng-rank{rank}.pt"
+
+
+def save_rng(path: Path, rank: int) -> None:
+    tmp = path / f".rng-rank{rank}.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, rng_file(path, rank))
+
+
+def load_rng(path: Path, rank: int) -> dict | None:
+    """This rank's saved RNG states; None when the run had fewer ranks (then the seed's stream goes on)."""
+    file = rng_file(path, rank)
+    return torch.load(file, weights_only=False) if file.is_file() else None

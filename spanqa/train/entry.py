@@ -1,0 +1,41 @@
+"""`spanqa train ...`: train in this process, or as one rank of many under a launcher.
+
+Same flags as `launcher/train.py` (which `deepspeed`/torchrun/srun start once per GPU).
+This module imports no torch at import time, so that OMP_NUM_THREADS can still be set.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def default_omp_threads(environ: dict | None = None) -> bool:
+    """Set OMP_NUM_THREADS=1 for multi-process runs when the user left it unset (as torchrun does).
+
+    Must run before torch is imported. The deepspeed launcher leaves it unset, and then every rank
+    starts one OpenMP thread per core: two CPU ranks on two cores run 3-5x slower per step.
+    Returns whether it set the variable.
+    """
+    environ = os.environ if environ is None else environ
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and "OMP_NUM_THREADS" not in environ:
+        environ["OMP_NUM_THREADS"] = "1"
+        return True
+    return False
+
+
+def main(argv: list[str]) -> int:
+    default_omp_threads()  # before torch is imported below
+
+    from spanqa.config import parse_train_args
+    from spanqa.train.distributed import destroy_distributed, init_distributed
+    from spanqa.train.engine import Trainer
+
+    config = parse_train_args(argv)  # a bad flag stops here: nothing is written
+    env = init_distributed()
+    try:
+        trainer = Trainer(config, env)
+        outcome = trainer.train()
+        trainer.close("KILLED" if outcome == "preempted" else "FINISHED")
+    finally:
+        destroy_distributed()
+    return 0
