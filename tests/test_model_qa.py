@@ -285,11 +285,13 @@ def _qa_pipeline_removed() -> bool:
 
 
 @pytest.mark.skipif(_qa_pipeline_removed(), reason="this transformers has no question-answering pipeline")
-def test_span_export_loads_in_the_qa_pipeline(trained_span_export, tokenizer):
+def test_span_export_loads_in_the_qa_pipeline(trained_span_export, tokenizer, capfd):
     from transformers import pipeline
 
     model, out_dir, question, batch = trained_span_export
+    capfd.readouterr()
     qa = pipeline("question-answering", model=str(out_dir), tokenizer=str(out_dir))
+    assert "newly initialized" not in capfd.readouterr().err  # every weight came from the export
     answer = qa(question=question["question"], context=question["context"], max_answer_len=15)
     assert answer["answer"] == our_answer(model, batch, question, tokenizer) == question["answer"]["text"]
 
@@ -327,3 +329,36 @@ def test_tiny_bert_dir_is_stable_and_reused(tiny_dir, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     config = json.loads((tiny_dir / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (2, 64, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet_dir(tiny_dir, tmp_path_factory):
+    """A random tiny MPNet: an encoder without SDPA attention in transformers and without token types."""
+    from transformers import MPNetConfig, MPNetModel
+
+    config = MPNetConfig(
+        vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    out_dir = tmp_path_factory.mktemp("mpnet")
+    MPNetModel(config).save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_encoder_without_sdpa_falls_back_to_eager_and_round_trips(
+    tiny_mpnet_dir, tokenizer, batch, tmp_path, head
+):
+    from transformers import MPNetModel
+
+    if MPNetModel._supports_sdpa:
+        pytest.skip("this transformers gives MPNet SDPA attention: nothing to fall back from")
+    model = build_model(str(tiny_mpnet_dir), head).eval()
+    assert model.encoder.config._attn_implementation == "eager"
+    outputs = model(**batch)
+    assert torch.isfinite(outputs["loss"])
+    export_model(model, tokenizer, tmp_path / "export", SETTINGS)
+    loaded = load_model(tmp_path / "export")[0]
+    with torch.no_grad():
+        for key, value in loaded(**batch).items():
+            torch.testing.assert_close(value, outputs[key].detach(), rtol=0, atol=1e-6)
