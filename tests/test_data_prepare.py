@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from spanqa.cli import main as cli_main
 from spanqa.data import store as store_module
@@ -74,28 +75,30 @@ def test_other_inputs_rebuild_the_store(
     data = tmp_path / "data.json"
     shutil.copy(tiny_squad_file, data)
     first = prepare(data, minilm_tokenizer, out, progress=False, **tiny_settings)
-    settings = dict(tiny_settings)
+    settings, tokenizer = dict(tiny_settings), minilm_tokenizer
     if change == "settings":
         settings["doc_stride"] = 48
     elif change == "source":
         doc = json.loads(data.read_text())
         doc["data"][0]["paragraphs"][0]["qas"][0]["question"] += " really?"
         data.write_text(json.dumps(doc))
-    elif change == "tokenizer":
-        monkeypatch.setattr("spanqa.data.prepare.tokenizer_fingerprint", lambda tok: "0" * 64)
+    elif change == "tokenizer":  # the same name, another vocabulary
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        tokenizer.add_tokens(["spanqa-new-token"])
     elif change == "version":
         meta = json.loads((out / "meta.json").read_text())
         meta["format_version"] = 0
         (out / "meta.json").write_text(json.dumps(meta))
     elif change == "corrupt":
         (out / "input_ids.npy").write_bytes(b"\x93NUMPY garbage")
-    rebuilt = prepare(data, minilm_tokenizer, out, progress=False, **settings)
+    rebuilt = prepare(data, tokenizer, out, progress=False, **settings)
     assert rebuilt.meta["settings"] == settings
     if change == "source":
         assert rebuilt.meta["source"]["sha256"] != first.meta["source"]["sha256"]
         assert rebuilt.examples()[0].question.endswith(" really?")
     if change == "tokenizer":
-        assert rebuilt.meta["tokenizer"]["fingerprint"] == "0" * 64
+        assert rebuilt.meta["tokenizer"]["fingerprint"] != first.meta["tokenizer"]["fingerprint"]
+        assert rebuilt.meta["tokenizer"]["name_or_path"] == first.meta["tokenizer"]["name_or_path"]
     assert WindowStore.open(out).meta == rebuilt.meta
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
@@ -141,6 +144,22 @@ def test_interrupted_rebuild_keeps_the_old_store(
         )
     assert WindowStore.open(out).meta == old.meta
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
+def test_check_compatible_names_what_is_stale(tiny_store, minilm_tokenizer, tiny_settings, tiny_squad_file):
+    from spanqa.data.prepare import file_sha256
+
+    tiny_store.check_compatible(minilm_tokenizer, tiny_settings, file_sha256(tiny_squad_file))
+    with pytest.raises(
+        SpanqaError, match=r"meta.json: built with window settings .*, not .*'doc_stride': 16"
+    ):
+        tiny_store.check_compatible(settings={**tiny_settings, "doc_stride": 16})
+    with pytest.raises(SpanqaError, match=r"meta.json: built from another version of .*squad_v2_tiny.json"):
+        tiny_store.check_compatible(source_sha256="0" * 64)
+    extended = AutoTokenizer.from_pretrained(minilm_dir())
+    extended.add_tokens(["spanqa-new-token"])  # a changed vocabulary changes the fingerprint
+    with pytest.raises(SpanqaError, match=r"meta.json: built with another tokenizer \(fingerprint"):
+        tiny_store.check_compatible(tokenizer=extended)
 
 
 def copy_store(src, dst):

@@ -98,26 +98,25 @@ def load_squad(path: str | Path) -> tuple[list[Example], dict]:
 
 
 def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport]:
-    where = _Where(source)
     if not isinstance(data, dict) or "data" not in data:
         raise SpanqaError(f"{source}: top level must be an object with a 'data' list (SQuAD format)")
-    articles = _field(data, "data", list, where)
+    articles = _field(data, "data", list, source)
     report = ValidationReport()
     examples: list[Example] = []
     seen_ids: dict[str, str] = {}
     for a, article in enumerate(articles):
         at = f"data[{a}]"
-        _require(article, dict, where, at)
-        title = _field(article, "title", str, where, at, default="")
-        for p, paragraph in enumerate(_field(article, "paragraphs", list, where, at)):
+        _require(article, dict, source, at)
+        title = _field(article, "title", str, source, at, default="")
+        for p, paragraph in enumerate(_field(article, "paragraphs", list, source, at)):
             pat = f"{at}.paragraphs[{p}]"
-            _require(paragraph, dict, where, pat)
-            context = _field(paragraph, "context", str, where, pat)
+            _require(paragraph, dict, source, pat)
+            context = _field(paragraph, "context", str, source, pat)
             if not context.strip():
                 raise SpanqaError(f"{source}: {pat}.context: empty context")
-            for q, qa in enumerate(_field(paragraph, "qas", list, where, pat)):
+            for q, qa in enumerate(_field(paragraph, "qas", list, source, pat)):
                 qat = f"{pat}.qas[{q}]"
-                example = _parse_question(qa, title, context, where, qat, report)
+                example = _parse_question(qa, title, context, source, qat, report)
                 if example.id in seen_ids:
                     raise SpanqaError(
                         f"{source}: {qat}.id: duplicate question id {example.id!r} "
@@ -130,13 +129,13 @@ def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport
 
 
 def _parse_question(
-    qa: Any, title: str, context: str, where: _Where, at: str, report: ValidationReport
+    qa: Any, title: str, context: str, source: str, at: str, report: ValidationReport
 ) -> Example:
-    _require(qa, dict, where, at)
-    qid = _field(qa, "id", str, where, at)
-    question = _field(qa, "question", str, where, at)
-    is_impossible = _field(qa, "is_impossible", bool, where, at, default=False)
-    raw_answers = _field(qa, "answers", list, where, at, default=[])
+    _require(qa, dict, source, at)
+    qid = _field(qa, "id", str, source, at)
+    question = _field(qa, "question", str, source, at)
+    is_impossible = _field(qa, "is_impossible", bool, source, at, default=False)
+    raw_answers = _field(qa, "answers", list, source, at, default=[])
     report.questions += 1
     if is_impossible:
         # v2.0: unanswerable questions carry no training target; `plausible_answers` are ignored on purpose
@@ -146,16 +145,16 @@ def _parse_question(
     answers = []
     for i, raw in enumerate(raw_answers):
         aat = f"{at}.answers[{i}]"
-        _require(raw, dict, where, aat)
-        text = _field(raw, "text", str, where, aat)
-        start = _field(raw, "answer_start", int, where, aat)
+        _require(raw, dict, source, aat)
+        text = _field(raw, "text", str, source, aat)
+        start = _field(raw, "answer_start", int, source, aat)
         report.answers += 1
-        answer = _checked_answer(text, start, context, f"{where.source}: {aat}", report)
+        answer = _checked_answer(text, start, context, f"{source}: {aat}", report)
         if answer is not None:
             answers.append(answer)
     if not answers:
         report.questions_dropped += 1
-        report.note(f"{where.source}: {at}: dropped: answerable question without a valid answer")
+        report.note(f"{source}: {at}: dropped: answerable question without a valid answer")
     return Example(qid, title, question, context, tuple(answers), False)
 
 
@@ -191,30 +190,25 @@ def nearest_occurrence(context: str, text: str, start: int) -> int | None:
     return best
 
 
-class _Where:
-    def __init__(self, source: str):
-        self.source = source
-
-
 _TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
 
 
-def _require(value: Any, kind: type, where: _Where, at: str) -> None:
+def _require(value: Any, kind: type, source: str, at: str) -> None:
     # bool is an int subclass in Python, but `"answer_start": true` is a mistake, not an offset
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SpanqaError(f"{where.source}: {at}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}")
+        raise SpanqaError(f"{source}: {at}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}")
 
 
 _MISSING = object()
 
 
-def _field(obj: dict, key: str, kind: type, where: _Where, at: str = "", default: Any = _MISSING) -> Any:
+def _field(obj: dict, key: str, kind: type, source: str, at: str = "", default: Any = _MISSING) -> Any:
     path = f"{at}.{key}" if at else key
     if key not in obj:
         if default is _MISSING:
-            raise SpanqaError(f"{where.source}: {path}: missing field")
+            raise SpanqaError(f"{source}: {path}: missing field")
         return default
-    _require(obj[key], kind, where, path)
+    _require(obj[key], kind, source, path)
     return obj[key]
 
 

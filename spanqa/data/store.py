@@ -87,6 +87,30 @@ class WindowStore:
             raise SpanqaError(f"{path / EXAMPLES}: missing (partial window store)")
         return cls(path, meta, arrays)
 
+    def check_compatible(
+        self, tokenizer: Any = None, settings: dict | None = None, source_sha256: str | None = None
+    ) -> None:
+        """SpanqaError naming meta.json when the store was not built with this tokenizer, these window
+        settings or this source file (a store given by path, e.g. `--prepared`, may be stale)."""
+        from spanqa.data.windows import tokenizer_fingerprint
+
+        meta_file = self.path / META
+        if tokenizer is not None:
+            theirs, ours = self.meta["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
+            if theirs != ours:
+                raise SpanqaError(
+                    f"{meta_file}: built with another tokenizer (fingerprint {theirs[:12]}, "
+                    f"this one is {ours[:12]}): prepare it again"
+                )
+        if settings is not None and self.meta["settings"] != dict(settings):
+            raise SpanqaError(
+                f"{meta_file}: built with window settings {self.meta['settings']}, not {dict(settings)}"
+            )
+        if source_sha256 is not None and self.meta["source"]["sha256"] != source_sha256:
+            raise SpanqaError(
+                f"{meta_file}: built from another version of {self.meta['source']['path']} (sha256 differs)"
+            )
+
     def __len__(self) -> int:
         return len(self.window_lengths)
 
