@@ -68,9 +68,7 @@ def test_same_inputs_reuse_the_store(tiny_settings, tmp_path, minilm_tokenizer, 
 
 
 @pytest.mark.parametrize("change", ["settings", "source", "tokenizer", "version", "corrupt"])
-def test_other_inputs_rebuild_the_store(
-    tiny_settings, change, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
-):
+def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_tokenizer, tiny_squad_file):
     out = tmp_path / "store"
     data = tmp_path / "data.json"
     shutil.copy(tiny_squad_file, data)
