@@ -251,7 +251,7 @@ class Tracker:
                     "MLflow tracking at %s failed (%s); training continues, records are kept and "
                     "re-sent when it answers again (next try in %.0f s)",
                     self.tracking_uri,
-                    _one_line(err),
+                    one_line(err),
                     self.retry_interval_s,
                 )
                 self._wait_s = self.retry_interval_s
@@ -357,7 +357,7 @@ class Tracker:
                 self._client.set_terminated(self.run_id, status=records[0]["status"])
         except MlflowException as err:
             if _http_status(err) in (400, 404, 409, 413, 422):
-                raise _ClientError(_one_line(err)) from err
+                raise _ClientError(one_line(err)) from err
             raise
 
     def _send_metrics(self, records: list[dict]) -> None:
@@ -439,6 +439,6 @@ def _http_status(err: Exception) -> int | None:
         return None
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,189 @@
+"""`spanqa compare TAG`: the MLflow runs tagged `spanqa.tag = TAG` side by side (e.g. span vs CRF head).
+
+    spanqa compare heads-2026-11 [--tracking_uri URI] [--experiment NAME] [--json]
+
+Scores are those of the evaluation the run kept its best model at (the step where its --eval_metric
+peaked), so they describe the exported model; a run without evaluations shows "-". Train time is the
+`train_seconds` metric when the trainer logged one, else the run's wall time; samples/s is the mean of the
+logged training throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spanqa.errors import SpanqaError
+from spanqa.train.tracking import DEFAULT_TRACKING_URI, bounded_http, one_line
+
+TAG_KEY = "spanqa.tag"
+SCORES = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1")
+ROWS = (  # (label, RunSummary field, format)
+    ("run", "name", "{}"),
+    ("run id", "run_id", "{:.8}"),
+    ("status", "status", "{}"),
+    ("head", "head", "{}"),
+    ("best by", "eval_metric", "{}"),
+    ("at step", "best_step", "{}"),
+    ("EM", "exact", "{:.2f}"),
+    ("F1", "f1", "{:.2f}"),
+    ("HasAns F1", "HasAns_f1", "{:.2f}"),
+    ("NoAns F1", "NoAns_f1", "{:.2f}"),
+    ("best F1", "best_f1", "{:.2f}"),
+    ("train time", "train_seconds", "duration"),
+    ("samples/s", "samples_per_s", "{:.1f}"),
+)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    name: str
+    status: str
+    head: str | None
+    eval_metric: str
+    best_step: int | None
+    exact: float | None
+    f1: float | None
+    HasAns_f1: float | None  # noqa: N815 - the official SQuAD v2 metric name
+    NoAns_f1: float | None  # noqa: N815
+    best_f1: float | None
+    train_seconds: float | None
+    samples_per_s: float | None
+
+
+def find_runs(client: Any, tag: str, experiment: str | None = None) -> list:
+    """Active runs with tag spanqa.tag == `tag`, in `experiment` (by name) or in every experiment."""
+    if "'" in tag:
+        raise SpanqaError(f"TAG: {tag!r}: quotes are not allowed in a tag")
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise SpanqaError(f"--experiment: no MLflow experiment named {experiment!r}")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{TAG_KEY}` = '{tag}'", max_results=1000)
+    return sorted(runs, key=lambda r: (run_head(r) or "", r.info.start_time or 0))
+
+
+def run_head(run: Any) -> str | None:
+    params, tags = run.data.params, run.data.tags
+    return params.get("config.head") or params.get("head") or tags.get("spanqa.head")
+
+
+def summarize(client: Any, run: Any) -> RunSummary:
+    params, metrics = run.data.params, run.data.metrics
+    eval_metric = params.get("config.eval_metric", "f1")
+    best_step, scores = best_evaluation(client, run.info.run_id, eval_metric)
+    if best_step is None:  # no history of the chosen metric: fall back to the latest values
+        scores = {key: metrics.get(key) for key in SCORES}
+    return RunSummary(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        head=run_head(run),
+        eval_metric=eval_metric,
+        best_step=best_step,
+        **{key: scores.get(key) for key in SCORES},
+        train_seconds=metrics.get("train_seconds", wall_seconds(run)),
+        samples_per_s=mean_of_history(client, run.info.run_id, "samples_per_s"),
+    )
+
+
+def best_evaluation(client: Any, run_id: str, eval_metric: str) -> tuple[int | None, dict[str, float]]:
+    """The step where `eval_metric` peaked (first one on ties) and every score logged at that step."""
+    history = client.get_metric_history(run_id, eval_metric)
+    if not history:
+        return None, {}
+    best = max(history, key=lambda m: (m.value, -m.step))
+    scores = {}
+    for key in SCORES:
+        at_step = [m.value for m in client.get_metric_history(run_id, key) if m.step == best.step]
+        scores[key] = at_step[-1] if at_step else None
+    return best.step, scores
+
+
+def mean_of_history(client: Any, run_id: str, key: str) -> float | None:
+    values = [m.value for m in client.get_metric_history(run_id, key)]
+    return sum(values) / len(values) if values else None
+
+
+def wall_seconds(run: Any) -> float | None:
+    start, end = run.info.start_time, run.info.end_time
+    return (end - start) / 1000 if start and end else None
+
+
+def format_table(summaries: list[RunSummary]) -> str:
+    """Runs as columns, one row per figure: the layout of the reference report's comparison."""
+    cells = [[label] + [_cell(getattr(s, field), fmt) for s in summaries] for label, field, fmt in ROWS]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = []
+    for row in cells:
+        values = [v.rjust(w) for v, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join([row[0].ljust(widths[0]), *values]).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or value == "":
+        return "-"
+    if fmt == "duration":
+        seconds = round(float(value))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return fmt.format(value)
+
+
+def make_client(tracking_uri: str | None) -> tuple[Any, str]:
+    """An MlflowClient for the URI (flag, env, or ./mlflow.db), refusing to create an empty SQLite store."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():
+            raise SpanqaError(
+                f"--tracking_uri: no MLflow store at {db} (train first, or point --tracking_uri / "
+                "MLFLOW_TRACKING_URI at the store the runs were logged to)"
+            )
+    with bounded_http():
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=uri), uri
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="spanqa compare", description=__doc__.splitlines()[0])
+    parser.add_argument("tag", metavar="TAG", help="value of the spanqa.tag run tag (train --tag TAG)")
+    parser.add_argument(
+        "--tracking_uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    parser.add_argument("--experiment", help="only this MLflow experiment (default: all of them)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    client, uri = make_client(args.tracking_uri)
+    try:
+        with bounded_http():
+            runs = find_runs(client, args.tag, args.experiment)
+            summaries = [summarize(client, run) for run in runs]
+    except SpanqaError:
+        raise
+    except Exception as err:  # MlflowException, connection errors: one line, not a traceback
+        raise SpanqaError(f"--tracking_uri: cannot read runs from {uri}: {one_line(err)}") from None
+    if not summaries:
+        where = f"experiment {args.experiment!r}" if args.experiment else "any experiment"
+        raise SpanqaError(f"TAG: no MLflow run has tag {TAG_KEY} = {args.tag!r} in {where} at {uri}")
+    if args.json:
+        print(json.dumps([asdict(s) for s in summaries]))
+    else:
+        print(f"runs tagged {TAG_KEY} = {args.tag!r} at {uri}")
+        print(format_table(summaries))
+    return 0
