@@ -173,3 +173,19 @@ def test_loader_state_counts_consumed_batches_with_workers(tiny_store):
     loader, sampler = make_loader(tiny_store, 4, seed=1, num_workers=2)
     sampler.load_state_dict(state)
     assert head + [b["window_index"].tolist() for b in loader] == full
+
+
+def test_dataset_pickles_as_a_path_and_reopens(tiny_store):
+    """Spawned workers get the dataset pickled: it must not carry the memmapped arrays along."""
+    import pickle
+
+    from spanqa.data.loader import WindowDataset
+
+    dataset = WindowDataset(tiny_store)
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 1000 < tiny_store.input_ids.nbytes
+    clone = pickle.loads(blob)
+    assert len(clone) == len(dataset)
+    for i in (0, len(dataset) - 1):
+        a, b = clone[i], dataset[i]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -278,6 +278,7 @@ BAD_FILES = {
         doc_with(lambda d: d["data"][0]["paragraphs"][0].update(context="")),
         "data[0].paragraphs[0].context: empty context",
     ),
+    "no-questions": ('{"version": "v2.0", "data": []}', "data: no questions"),
     "duplicate-id": (
         doc_with(lambda d: d["data"][0]["paragraphs"][0]["qas"][1].update(id="a")),
         "data[0].paragraphs[0].qas[1].id: duplicate question id 'a'",

@@ -33,7 +33,14 @@ PAD_MULTIPLE = 8  # tensor cores want sequence lengths that are multiples of 8 u
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of window indices for ONE rank; see the module docstring for the exact semantics."""
+    """Batches of window indices for ONE rank (the module docstring has the exact semantics).
+
+    Remainder: the last short global batch is split as evenly as possible across the ranks, or merged
+    into the previous global batch when it has fewer windows than ranks; so all ranks run `len(self)`
+    steps, each with >= 1 window, and every window is used exactly once per epoch.
+    Resume: `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, iteration yields exactly
+    the remaining batches of that epoch (`set_epoch` with the same epoch keeps the position).
+    """
 
     def __init__(
         self,

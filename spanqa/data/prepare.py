@@ -61,6 +61,8 @@ def prepare(
         return existing
     started = time.perf_counter()
     examples, report = load_squad(data_file)
+    if not examples:
+        raise SpanqaError(f"{data_file}: data: no questions with a usable answer or is_impossible")
     arrays = build_windows(examples, tokenizer, settings, progress=progress)
     template = pair_template(tokenizer)
     meta = build_meta(
