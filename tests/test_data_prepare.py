@@ -65,6 +65,7 @@ def test_same_inputs_reuse_the_store(tiny_settings, tmp_path, minilm_tokenizer, 
     monkeypatch.setattr("spanqa.data.prepare.build_windows", no_tokenizing)
     again = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
     assert again.meta == first.meta and (out / "meta.json").stat().st_mtime_ns == stamp
+    assert again.reused and not first.reused
 
 
 @pytest.mark.parametrize("change", ["settings", "source", "tokenizer", "version", "corrupt"])
@@ -217,15 +218,14 @@ def run_prepare(capsys, data_file, out, *extra, tokenizer=None):
 
 
 def test_cli_prepare_prints_counts(tiny_settings, tmp_path, capsys, tiny_squad_file):
-    code, output = run_prepare(
-        capsys,
-        tiny_squad_file,
-        tmp_path / "out",
-        *sum(([f"--{k}", str(v)] for k, v in tiny_settings.items()), []),
-    )
+    flags = sum(([f"--{k}", str(v)] for k, v in tiny_settings.items()), [])
+    code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", *flags)
     assert code == 0
     assert "0 repaired, 0 dropped" in output.out and "windows" in output.out
     assert WindowStore.open(tmp_path / "out").meta["settings"] == tiny_settings
+    assert "reused" not in output.out
+    code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", *flags)
+    assert code == 0 and "(reused: same source, tokenizer, settings and format)" in output.out
 
 
 def write(path, text):

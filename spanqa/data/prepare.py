@@ -56,7 +56,6 @@ def prepare(
     _refuse_foreign_dir(out_dir)
     existing = reusable_store(out_dir, wanted)
     if existing is not None:
-        _say(progress, f"reusing the window store {out_dir} (same source, tokenizer and settings)")
         _say(progress, summary(existing))
         return existing
     started = time.perf_counter()
@@ -101,7 +100,10 @@ def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:
         "settings": meta["settings"],
         "source_sha256": meta["source"].get("sha256"),
     }
-    return store if found == wanted else None
+    if found != wanted:
+        return None
+    store.reused = True
+    return store
 
 
 def file_sha256(path: Path) -> str:
@@ -142,7 +144,8 @@ def summary(store: WindowStore) -> str:
     meta = store.meta
     v, c = meta["validation"], meta["counts"]
     lines = [
-        f"window store: {store.path}",
+        f"window store: {store.path}"
+        + (" (reused: same source, tokenizer, settings and format)" if store.reused else ""),
         f"  examples {c['examples']:,} ({v['answerable']:,} answerable, {v['impossible']:,} unanswerable)",
         f"  windows {c['windows']:,} ({c['windows_with_answer']:,} hold their answer), "
         f"tokens {c['tokens']:,}",

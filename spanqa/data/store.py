@@ -75,6 +75,7 @@ class WindowStore:
         self.example_index = arrays["example_index"]
         self.doc_offset = arrays["doc_offset"]
         self.second_type_id = int(meta["tokenizer"]["second_type_id"])
+        self.reused = False  # set by prepare(): True when it found this store already built
 
     @classmethod
     def open(cls, path: str | Path) -> WindowStore:
