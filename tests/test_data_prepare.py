@@ -121,6 +121,22 @@ def test_interrupted_write_leaves_no_store(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_killed_writer_leftovers_are_removed(tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".store.tmp-{int(dead.stdout)}-deadbeef"  # what a SIGKILLed prepare leaves
+    leftover.mkdir()
+    (leftover / "input_ids.npy").write_bytes(b"half")
+    with pytest.raises(SpanqaError, match="meta.json: missing"):
+        WindowStore.open(leftover)
+    prepare(tiny_squad_file, minilm_tokenizer, tmp_path / "store", progress=False, **tiny_settings)
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
 def test_interrupted_rebuild_keeps_the_old_store(
     tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
 ):

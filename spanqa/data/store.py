@@ -236,12 +236,31 @@ def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Exampl
 
 @contextmanager
 def _temporary_dir(out_dir: Path):
+    _remove_abandoned(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Delete temporary directories of writers that were killed (SIGKILL skips their cleanup)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
