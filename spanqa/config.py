@@ -219,10 +219,13 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     for required in ("model", "output_dir"):
         if required not in explicit:
             raise SpanqaError(f"--{required}: required")
-    values = load_preset(explicit["preset"]) if "preset" in explicit else {}
-    if "warmup_proportion" in explicit:
-        values["warmup_steps"] = None  # an explicit proportion replaces the preset's step count
-    values.update(explicit)
+    values = {}
+    # Warmup is one setting given two ways: a proportion (from the preset or a flag) replaces the
+    # step count of the layer below it.
+    for layer in (load_preset(explicit["preset"]) if "preset" in explicit else {}, explicit):
+        if "warmup_proportion" in layer and "warmup_steps" not in layer:
+            values["warmup_steps"] = None
+        values.update(layer)
     return TrainConfig(**values)
 
 

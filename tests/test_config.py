@@ -1,0 +1,197 @@
+"""Training flags, presets, validation errors, and the shipped DeepSpeed configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spanqa.cli import main as cli_main
+from spanqa.config import (
+    DS_CONFIG_DIR,
+    TrainConfig,
+    load_deepspeed_config,
+    parse_train_args,
+    reconcile_deepspeed_config,
+)
+from spanqa.errors import SpanqaError
+from spanqa.presets import load_preset, preset_names
+
+FIXTURE = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def flags(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--model",
+        "bert-base-uncased",
+        "--train_file",
+        str(FIXTURE),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+
+
+def test_defaults_are_the_reference_preset(tmp_path):
+    default = parse_train_args(flags(tmp_path))
+    reference = parse_train_args(flags(tmp_path, "--preset", "reference"))
+    assert {k: v for k, v in default.to_dict().items() if k != "preset"} == {
+        k: v for k, v in reference.to_dict().items() if k != "preset"
+    }
+    assert (reference.learning_rate, reference.weight_decay, reference.warmup_steps) == (3e-5, 0.01, 500)
+    assert (reference.max_grad_norm, reference.train_batch_size, reference.num_train_epochs) == (1.0, 8, 6)
+    assert (reference.max_seq_length, reference.doc_stride) == (384, 128)
+
+
+def test_spanbert_preset_and_explicit_flags_override_it(tmp_path):
+    config = parse_train_args(flags(tmp_path, "--preset", "spanbert"))
+    assert (config.learning_rate, config.train_batch_size, config.num_train_epochs) == (2e-5, 32, 4)
+    assert config.warmup_steps is None and config.warmup_proportion == 0.1
+    config = parse_train_args(
+        flags(tmp_path, "--preset", "spanbert", "--learning_rate", "1e-5", "--head", "crf")
+    )
+    assert (config.learning_rate, config.train_batch_size, config.head) == (1e-5, 32, "crf")
+
+
+def test_explicit_warmup_proportion_replaces_the_presets_warmup_steps(tmp_path):
+    config = parse_train_args(flags(tmp_path, "--preset", "reference", "--warmup_proportion", "0.2"))
+    assert config.warmup_steps is None and config.warmup_proportion == 0.2
+
+
+def test_every_preset_is_a_valid_config(tmp_path):
+    assert preset_names() == ["reference", "spanbert"]
+    for name in preset_names():
+        TrainConfig(model="m", output_dir=str(tmp_path), train_file=str(FIXTURE), **load_preset(name))
+
+
+def test_boolean_flags_turn_on_and_off(tmp_path):
+    assert parse_train_args(flags(tmp_path, "--no-version_2_with_negative")).null_threshold == float("inf")
+    assert parse_train_args(flags(tmp_path, "--version_2_with_negative")).null_threshold == 0.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--learning_rate", "-1"], "--learning_rate"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--train_batch_size", "8", "--gradient_accumulation_steps", "3"], "--train_batch_size"),
+        (["--head", "lstm"], "--head"),
+        (["--eval_metric", "accuracy"], "--eval_metric"),
+        (["--warmup_steps", "10", "--warmup_proportion", "0.1"], "--warmup_steps"),
+        (["--doc_stride", "400"], "--doc_stride"),
+        (["--dev_file", "/nonexistent/dev.json"], "--dev_file"),
+        (["--deepspeed_config", "/nonexistent/ds.json"], "--deepspeed_config"),
+        (["--resume", "/nonexistent/ckpt"], "--resume"),
+        (["--learning_rate", "fast"], "--learning_rate"),
+        (["--preset", "nope"], "--preset"),
+        (["--no_such_flag", "1"], "--no_such_flag"),
+    ],
+)
+def test_bad_flags_name_the_flag(tmp_path, extra, named):
+    with pytest.raises(SpanqaError, match=named.replace("-", r"\-")):
+        parse_train_args(flags(tmp_path, *extra))
+
+
+def test_missing_train_file_and_model_dir(tmp_path):
+    with pytest.raises(SpanqaError, match="--train_file"):
+        parse_train_args(["--model", "m", "--output_dir", str(tmp_path)])
+    with pytest.raises(SpanqaError, match=r"--train_file: /nope\.json: no such file"):
+        parse_train_args(["--model", "m", "--output_dir", str(tmp_path), "--train_file", "/nope.json"])
+    with pytest.raises(SpanqaError, match="--model: ./no/such/model"):
+        parse_train_args(
+            ["--model", "./no/such/model", "--output_dir", str(tmp_path), "--train_file", str(FIXTURE)]
+        )
+
+
+def test_cli_error_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli_main(["train", *flags(tmp_path, "--learning_rate", "0")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [err] and "--learning_rate" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_launcher_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launcher" / "train.py"),
+            *flags(tmp_path, "--dev_file", "/missing.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "launcher/train.py: error: --dev_file: /missing.json: no such file"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flags_win_over_the_deepspeed_config_and_say_so(tmp_path):
+    config = parse_train_args(
+        flags(tmp_path, "--train_batch_size", "32", "--gradient_accumulation_steps", "2")
+    )
+    user = {"train_batch_size": 16, "gradient_clipping": 1.0, "optimizer": {"type": "Adam"}}
+    resolved, notes = reconcile_deepspeed_config(config, user, world_size=4)
+    assert resolved["train_batch_size"] == 32
+    assert resolved["train_micro_batch_size_per_gpu"] == 4
+    assert resolved["gradient_accumulation_steps"] == 2
+    assert "optimizer" not in resolved
+    assert any("train_batch_size=16" in note and "flags win" in note for note in notes)
+    assert len(notes) == 2  # batch size and the dropped optimizer; clipping agrees
+
+
+def test_batch_not_divisible_by_world_size_names_the_flag(tmp_path):
+    config = parse_train_args(flags(tmp_path, "--train_batch_size", "8"))
+    with pytest.raises(SpanqaError, match=r"--train_batch_size: 8 is not divisible .* world size 3"):
+        reconcile_deepspeed_config(config, {}, world_size=3)
+
+
+def test_auto_values_are_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto"}))
+    with pytest.raises(SpanqaError, match="--deepspeed_config"):
+        load_deepspeed_config(path)
+
+
+@pytest.mark.parametrize("name", ["cpu_fp32.json", "fp16_zero1.json", "fp16_zero2.json", "bf16_zero1.json"])
+def test_shipped_deepspeed_configs_validate(tmp_path, name):
+    """DeepSpeed's own config class accepts each (world size 1); fp16 ones are checked as config only."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = parse_train_args(
+        flags(tmp_path, "--train_batch_size", "16", "--gradient_accumulation_steps", "2")
+    )
+    resolved, _ = reconcile_deepspeed_config(
+        config, load_deepspeed_config(DS_CONFIG_DIR / name), world_size=1
+    )
+    checked = DeepSpeedConfig(resolved)
+    assert checked.train_batch_size == 16
+    assert checked.train_micro_batch_size_per_gpu == 8
+    assert checked.gradient_accumulation_steps == 2
+    assert checked.gradient_clipping == 1.0
+    assert checked.float16_config.enabled == name.startswith("fp16")
+    assert checked.bfloat16_config.enabled == name.startswith("bf16")
+    assert (
+        checked.zero_optimization_stage
+        == {"cpu": 0, "fp16_zero1": 1, "fp16_zero2": 2, "bf16_zero1": 1}[
+            name.removesuffix(".json").replace("_fp32", "")
+        ]
+    )
+
+
+def test_the_four_configs_are_shipped():
+    assert sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) == [
+        "bf16_zero1.json",
+        "cpu_fp32.json",
+        "fp16_zero1.json",
+        "fp16_zero2.json",
+    ]
