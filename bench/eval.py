@@ -60,9 +60,9 @@ def random_logits(store, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return start, end, mask
 
 
-def vectorised(store, start, end, mask, order, n_best, max_answer_length):
-    # rows in the eval loader's length-sorted order, as they come out of a real evaluation
-    cands = span_candidates(start[order], end[order], mask[order], n_best, max_answer_length)
+def vectorised(store, rows, order, n_best, max_answer_length):
+    """`rows` are the logits in the order an evaluation produces them; row r is window order[r]."""
+    cands = span_candidates(*rows, n_best, max_answer_length)
     return select_answers(cands, order, store, null_threshold=0.0)
 
 
@@ -172,10 +172,12 @@ def main(argv: list[str]) -> int:
     prepare_s = time.perf_counter() - t0
     golds = read_gold_questions(args.data_file)
     start, end, mask = random_logits(store, args.seed)
+    # the eval loader yields windows sorted by length; the model's logits come out in that order
     order = np.argsort(store.window_lengths, kind="stable")
+    rows = (start[order], end[order], mask[order])
 
     post_s, (preds, odds) = timed(
-        lambda: vectorised(store, start, end, mask, order, args.n_best, args.max_answer_length), args.repeat
+        lambda: vectorised(store, rows, order, args.n_best, args.max_answer_length), args.repeat
     )
     metric_s, report = timed(lambda: squad_v2_scores(golds, preds, odds), args.repeat)
     loop_s, (loop_preds, loop_odds) = timed(

@@ -34,12 +34,10 @@ def span_candidates(
     """
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     context_mask = np.asarray(context_mask, dtype=bool)
-    if start_logits.ndim != 2 or start_logits.shape != end_logits.shape != context_mask.shape:
+    if start_logits.ndim != 2 or not start_logits.shape == end_logits.shape == context_mask.shape:
         raise ValueError(
             f"logit/mask shapes disagree: {start_logits.shape}, {end_logits.shape}, {context_mask.shape}"
         )
-    if start_logits.shape != context_mask.shape:
-        raise ValueError(f"logit/mask shapes disagree: {start_logits.shape}, {context_mask.shape}")
     if n_best < 1 or max_answer_length < 1:
         raise ValueError(f"n_best ({n_best}) and max_answer_length ({max_answer_length}) must be >= 1")
     n, length = start_logits.shape
@@ -82,12 +80,13 @@ def _chunk_candidates(
     # float64: a sum of two float32 logits is exact, so ranking the pairs never depends on rounding
     pair_scores = start_values.astype(np.float64)[:, :, None] + end_values.astype(np.float64)[:, None, :]
     span = top_ends[:, None, :] - top_starts[:, :, None]  # length - 1
-    pair_scores[(span < 0) | (span >= max_len)] = -np.inf
+    # viewed as unsigned, an end before its start is a huge length: one comparison tests both rules
+    np.copyto(pair_scores, -np.inf, where=span.view(np.uint32) >= max_len)
     pair_scores = pair_scores.reshape(len(pair_scores), -1)
     best, scores = _top_k(pair_scores, n_best)
     n_ends = top_ends.shape[1]
-    starts = np.take_along_axis(top_starts, best // n_ends, axis=1)
-    ends = np.take_along_axis(top_ends, best % n_ends, axis=1)
+    starts = _gather_rows(top_starts, best // n_ends)
+    ends = _gather_rows(top_ends, best % n_ends)
     found = np.isfinite(scores)
     starts, ends = np.where(found, starts, 0), np.where(found, ends, 0)
     if scores.shape[1] < n_best:  # fewer columns than n_best: pad to the promised width
@@ -102,10 +101,15 @@ def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     Finds each row's k-th largest value with a plain sort (numpy's SIMD sort beats argpartition here by
     2-3x), keeps the entries above it plus the leftmost entries equal to it, then orders those k.
+    Indexing goes through flat positions (one gather each) rather than take_along_axis.
     """
+    values = np.ascontiguousarray(values)
     n, width = values.shape
     k = min(k, width)
-    kth = np.sort(values, axis=1)[:, width - k, None]
+    ordered = np.sort(values, axis=1)
+    if np.isnan(ordered[:, -1]).any():  # sort puts NaN last
+        raise ValueError("NaN among the start/end logits of context tokens (a diverged model?)")
+    kth = ordered[:, width - k, None]
     chosen = values >= kth
     excess = np.flatnonzero(np.count_nonzero(chosen, axis=1) > k)
     if len(excess):  # ties at the k-th value (e.g. -inf in a window with few valid spans): leftmost win
@@ -114,10 +118,17 @@ def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         tie = sub == sub_kth
         need = k - np.count_nonzero(above, axis=1)[:, None]
         chosen[excess] = above | (tie & (np.cumsum(tie, axis=1) <= need))
-    columns = np.nonzero(chosen)[1].reshape(n, k)
-    top = np.take_along_axis(values, columns, axis=1)
-    rank = np.argsort(-top, axis=1, kind="stable")
-    return np.take_along_axis(columns, rank, axis=1).astype(np.int32), np.take_along_axis(top, rank, axis=1)
+    flat = np.flatnonzero(chosen).reshape(n, k)  # row-major: each row's k positions, in column order
+    flat_values = values.reshape(-1)
+    rank = np.argsort(-flat_values[flat], axis=1, kind="stable")
+    flat = flat.reshape(-1)[rank + (k * np.arange(n))[:, None]]
+    columns = flat - (width * np.arange(n))[:, None]
+    return columns.astype(np.int32), flat_values[flat]
+
+
+def _gather_rows(table: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """table[i, columns[i, j]] for every i, j (take_along_axis through one flat gather)."""
+    return table.reshape(-1)[columns + (table.shape[1] * np.arange(len(table)))[:, None]]
 
 
 def select_answers(

@@ -74,7 +74,11 @@ def scoring_golds(answers: Iterable[str]) -> list[str]:
 
 
 def as_gold_questions(examples: Iterable[Any]) -> list[GoldQuestion]:
-    """Accept GoldQuestion, spanqa.data.squad.Example (answers of `.text`) or SQuAD `qa` dicts."""
+    """Accept GoldQuestion, spanqa.data.squad.Example (answers of `.text`) or SQuAD `qa` dicts.
+
+    Leaderboard figures need the golds exactly as the data file gives them: where the training-side parser
+    repaired or dropped answers (its validation report counts them), score `read_gold_questions(file)`.
+    """
     golds = []
     for ex in examples:
         if isinstance(ex, GoldQuestion):
