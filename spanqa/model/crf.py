@@ -44,8 +44,11 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean")
 
 
 # ----------------------------------------------------------------------------- semiring kernels
-# K is tiny (3 for BIO), and torch reductions over a dimension of size 3 are several times slower
-# than elementwise ops, so the reduction over the inner index is unrolled into K elementwise terms.
+# Layout: tag indices first, positions last ("structure of arrays"): matrices are [K, K, L, B] and
+# vectors [K, L, B], so that every elementwise op runs over long contiguous inner loops of positions
+# (an inner dimension of size K = 3 would defeat vectorisation). K is tiny, and torch reductions
+# over a dimension of size 3 are slow, so the reduction over the inner tag index is unrolled into K
+# elementwise terms; larger K falls back to broadcasting + a reduction.
 _UNROLL_MAX_K = 8
 
 
@@ -68,52 +71,54 @@ def _max_terms(terms: list[Tensor]) -> Tensor:
 
 
 def _log_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """[..., K, K] x [..., K, K] in the log semiring."""
-    k = a.shape[-1]
+    """[K, K, ...] x [K, K, ...] in the log semiring: c[i, k] = logsumexp_j a[i, j] + b[j, k]."""
+    k = a.shape[0]
     if k > _UNROLL_MAX_K:
-        return torch.logsumexp(a.unsqueeze(-1) + b.unsqueeze(-3), dim=-2)
-    return _lse_terms([a[..., :, j : j + 1] + b[..., j : j + 1, :] for j in range(k)])
+        return torch.logsumexp(a.unsqueeze(2) + b.unsqueeze(0), dim=1)
+    return _lse_terms([a[:, j].unsqueeze(1) + b[j].unsqueeze(0) for j in range(k)])
 
 
 def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
-    k = a.shape[-1]
+    k = a.shape[0]
     if k > _UNROLL_MAX_K:
-        return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
-    return _max_terms([a[..., :, j : j + 1] + b[..., j : j + 1, :] for j in range(k)])
+        return (a.unsqueeze(2) + b.unsqueeze(0)).amax(dim=1)
+    return _max_terms([a[:, j].unsqueeze(1) + b[j].unsqueeze(0) for j in range(k)])
 
 
 def _log_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    """[..., K] x [..., K, K] -> [..., K]: logsumexp_i v[i] + a[i, j]."""
-    k = a.shape[-1]
+    """[K, ...] x [K, K, ...] -> [K, ...]: logsumexp_i v[i] + a[i, j]."""
+    k = a.shape[0]
     if k > _UNROLL_MAX_K:
-        return torch.logsumexp(v.unsqueeze(-1) + a, dim=-2)
-    return _lse_terms([v[..., i : i + 1] + a[..., i, :] for i in range(k)])
+        return torch.logsumexp(v.unsqueeze(1) + a, dim=0)
+    return _lse_terms([v[i].unsqueeze(0) + a[i] for i in range(k)])
 
 
 def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
-    """[..., K, K] x [..., K] -> [..., K]: logsumexp_j a[i, j] + w[j]."""
-    k = a.shape[-1]
+    """[K, K, ...] x [K, ...] -> [K, ...]: logsumexp_j a[i, j] + w[j]."""
+    k = a.shape[0]
     if k > _UNROLL_MAX_K:
-        return torch.logsumexp(a + w.unsqueeze(-2), dim=-1)
-    return _lse_terms([a[..., :, j] + w[..., j : j + 1] for j in range(k)])
+        return torch.logsumexp(a + w.unsqueeze(0), dim=1)
+    return _lse_terms([a[:, j] + w[j].unsqueeze(0) for j in range(k)])
 
 
 def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    k = a.shape[-1]
+    k = a.shape[0]
     if k > _UNROLL_MAX_K:
-        return (v.unsqueeze(-1) + a).amax(dim=-2)
-    return _max_terms([v[..., i : i + 1] + a[..., i, :] for i in range(k)])
+        return (v.unsqueeze(1) + a).amax(dim=0)
+    return _max_terms([v[i].unsqueeze(0) + a[i] for i in range(k)])
 
 
-def _argmax_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    """argmax_i v[..., i] + a[i, j] -> [..., K] (first index on ties, like a sequential backtrack)."""
-    k = a.shape[-1]
+def _argmax_into(v: Tensor, trans: Tensor) -> Tensor:
+    """argmax_i v[i, ...] + trans[i, j] -> [K(j), ...], the first index on ties (as a sequential
+    backtrack takes it)."""
+    k = trans.shape[0]
+    extra = (1,) * (v.dim() - 1)
     if k > _UNROLL_MAX_K:
-        return (v.unsqueeze(-1) + a).argmax(dim=-2)
-    best = v[..., 0:1] + a[0]
+        return (v.unsqueeze(1) + trans.view(k, k, *extra)).argmax(dim=0)
+    best = v[0].unsqueeze(0) + trans[0].view(k, *extra)
     index = torch.zeros(best.shape, dtype=torch.long, device=v.device)
     for i in range(1, k):
-        term = v[..., i : i + 1] + a[i]
+        term = v[i].unsqueeze(0) + trans[i].view(k, *extra)
         better = term > best
         best = torch.where(better, term, best)
         index.masked_fill_(better, i)
@@ -125,58 +130,64 @@ def _log_identity(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return eye.fill_diagonal_(0.0)
 
 
-def _row_zero(batch: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The log one-hot vector e_0 [B, 1, K]: the chain reads row 0 of the product."""
-    v = torch.full((batch, 1, k), NEG, dtype=dtype, device=device)
-    v[..., 0] = 0.0
+def _row_zero(k: int, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The log one-hot vector e_0 [K, 1, B]: the chain reads row 0 of the product."""
+    v = torch.full((k, 1, batch), NEG, dtype=dtype, device=device)
+    v[0] = 0.0
     return v
 
 
 # ----------------------------------------------------------------------------- tree scan
 def _up_sweep(m: Tensor, matmul) -> tuple[list[Tensor], Tensor]:
-    """Pairwise products level by level; returns the (even-padded) levels and the [B, 1, K, K] total."""
-    batch, _, k, _ = m.shape
-    eye = _log_identity(k, m.dtype, m.device)
+    """Pairwise products level by level over dim 2 of [K, K, L, B]; returns the (even-padded)
+    levels and the [K, K, 1, B] total."""
+    k, _, _, batch = m.shape
+    eye = _log_identity(k, m.dtype, m.device).view(k, k, 1, 1)
     levels = []
-    while m.shape[1] > 1:
-        if m.shape[1] % 2:
-            m = torch.cat([m, eye.expand(batch, 1, k, k)], dim=1)
+    while m.shape[2] > 1:
+        if m.shape[2] % 2:
+            m = torch.cat([m, eye.expand(k, k, 1, batch)], dim=2)
         levels.append(m)
-        m = matmul(m[:, 0::2], m[:, 1::2])
+        m = matmul(m[:, :, 0::2], m[:, :, 1::2])
     return levels, m
 
 
 def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
-    """Vector entering each level-0 element: top_in ⊗ M_1 ⋯ M_{t-1}. Returns [B, T_padded, K]."""
+    """Vector entering each level-0 element: top_in ⊗ M_1 ⋯ M_{t-1}, as [K, L_padded, B]."""
     v = top_in
     for child in reversed(levels):
-        half = child.shape[1] // 2
+        half = child.shape[2] // 2
         v = v[:, :half]
-        right = vecmat(v, child[:, 0::2])
+        right = vecmat(v, child[:, :, 0::2])
         v = torch.stack([v, right], dim=2).flatten(1, 2)
     return v
 
 
 def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor) -> Tensor:
-    """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out. Returns [B, T_padded, K]."""
+    """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out, as [K, L_padded, B]."""
     w = top_out
     for child in reversed(levels):
-        half = child.shape[1] // 2
+        half = child.shape[2] // 2
         w = w[:, :half]
-        left = _log_matvec(child[:, 1::2], w)
+        left = _log_matvec(child[:, :, 1::2], w)
         w = torch.stack([left, w], dim=2).flatten(1, 2)
     return w
 
 
+def _log_z(total: Tensor) -> Tensor:
+    """log Z [B] from the [K, K, 1, B] product: logsumexp over row 0."""
+    return total[0, :, 0].logsumexp(0)
+
+
 def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
-    """p(y_{t-1} = i, y_t = j) [B, T, K, K] for every position (what d log Z / d M_t is)."""
-    batch, length, k, _ = m.shape
-    zeros = torch.zeros(batch, 1, k, dtype=m.dtype, device=m.device)
-    alpha = _prefix_down_sweep(levels, _row_zero(batch, k, m.dtype, m.device), _log_vecmat)[:, :length]
+    """p(y_prev = i, y_t = j) [K, K, T, B] at every position (what d log Z / d M_t is)."""
+    k, _, length, batch = m.shape
+    zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
+    alpha = _prefix_down_sweep(levels, _row_zero(k, batch, m.dtype, m.device), _log_vecmat)[:, :length]
     beta = _suffix_down_sweep(levels, zeros)[:, :length]
-    g = alpha.unsqueeze(-1) + m
-    g += beta.unsqueeze(-2)
-    g -= log_z.view(batch, 1, 1, 1)
+    g = alpha.unsqueeze(1) + m
+    g += beta.unsqueeze(0)
+    g -= log_z
     # a probability: rounding at huge scores must not push it above 1 (or overflow exp)
     return g.clamp_(max=0.0).exp_()
 
@@ -193,23 +204,22 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 
 
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
-    """M [B, T, K, K] = table[kind] + emit[..., None, :] (emit is 0 at masked positions)."""
-    batch, length, k = emit.shape
-    base = table.index_select(0, kind.flatten()).view(batch, length, k, k)
-    return base.add_(emit.unsqueeze(-2))
+    """M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
+    base = table.permute(1, 2, 0)[:, :, kind]
+    return base.add_(emit.unsqueeze(0))
 
 
 class _LogPartition(torch.autograd.Function):
     """log Z with the forward-backward marginals as the hand-written gradient.
 
-    Inputs: emit [B, T, K] (emissions, + end at the last active position, 0 where masked), the kind
-    table [3, K, K] and the position kinds [B, T]."""
+    Inputs: emit [K, T, B] (emissions, + end at the last active position, 0 where masked), the kind
+    table [3, K, K] and the position kinds [T, B]."""
 
     @staticmethod
     def forward(ctx, emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
         m = _chain_from(emit, table, kind)
         levels, total = _up_sweep(m, _log_matmul)
-        log_z = total[:, 0, 0].logsumexp(-1)
+        log_z = _log_z(total)
         ctx.save_for_backward(m, kind, log_z, *levels)
         return log_z
 
@@ -217,24 +227,21 @@ class _LogPartition(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_z: Tensor):
         m, kind, log_z, *levels = ctx.saved_tensors
-        batch, length, k, _ = m.shape
+        k = m.shape[0]
         g = _pairwise_marginals(m, levels, log_z)
-        g *= grad_log_z.view(-1, 1, 1, 1).to(g.dtype)
+        g *= grad_log_z.to(g.dtype)
         # masked positions carry the state through an identity: they are not part of the model
-        grad_emit = _sum_rows(g).masked_fill_((kind == _MASKED).unsqueeze(-1), 0.0)
-        one_hot = torch.nn.functional.one_hot(kind.flatten(), 3).to(g.dtype)  # [B*T, 3]
-        grad_table = (one_hot.t() @ g.view(batch * length, k * k)).view(3, k, k)
+        grad_emit = _sum_rows(g).masked_fill_(kind == _MASKED, 0.0)
+        one_hot = torch.nn.functional.one_hot(kind.flatten(), 3).to(g.dtype)  # [T*B, 3]
+        grad_table = (g.view(k * k, -1) @ one_hot).view(k, k, 3).permute(2, 0, 1)
         return grad_emit, grad_table, None
 
 
 def _sum_rows(g: Tensor) -> Tensor:
-    """sum_i g[..., i, j] ([..., K, K] -> [..., K]), unrolled for small K."""
-    k = g.shape[-1]
-    if k > _UNROLL_MAX_K:
-        return g.sum(-2)
-    out = g[..., 0, :].clone()
-    for i in range(1, k):
-        out += g[..., i, :]
+    """sum_i g[i, j, ...] ([K, K, ...] -> [K, ...])."""
+    out = g[0].clone()
+    for i in range(1, g.shape[0]):
+        out += g[i]
     return out
 
 
@@ -313,8 +320,10 @@ class CRF(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(emit, kind table, kinds) from which the chain matrices are built (see `_chain_from`)."""
         start, end, trans = self._params(emissions.dtype)
-        emit = torch.where(last.unsqueeze(-1), emissions + end, emissions)
-        emit = emit.masked_fill(~active.unsqueeze(-1), 0.0)
+        k = self.num_tags
+        active, first, last = active.t(), first.t(), last.t()  # [T, B]: the positions-last layout
+        emit = emissions.permute(2, 1, 0).contiguous()  # [K, T, B]
+        emit = torch.where(last, emit + end.view(k, 1, 1), emit).masked_fill_(~active, 0.0)
         kind = torch.full(active.shape, _INNER, dtype=torch.long, device=active.device)
         kind.masked_fill_(first, _FIRST).masked_fill_(~active, _MASKED)
         return emit, _kind_table(start, trans), kind
@@ -385,9 +394,8 @@ class CRF(nn.Module):
             return crf_triton.marginals(emissions, active, *self._params(emissions.dtype))
         m = self._chain_matrices(emissions, active, first, last)
         levels, total = _up_sweep(m, _log_matmul)
-        log_z = total[:, 0, 0].logsumexp(-1)
-        marginals = _sum_rows(_pairwise_marginals(m, levels, log_z))
-        return marginals.masked_fill_(~active.unsqueeze(-1), 0.0)
+        marginals = _sum_rows(_pairwise_marginals(m, levels, _log_z(total))).permute(2, 1, 0)
+        return marginals.masked_fill(~active.unsqueeze(-1), 0.0)
 
     @torch.no_grad()
     def viterbi(self, emissions: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -403,14 +411,14 @@ class CRF(nn.Module):
         batch, length, k = emissions.shape
         m = self._chain_matrices(emissions, active, first, last)
         levels, total = _up_sweep(m, _max_matmul)
-        score, best_last = total[:, 0, 0].max(dim=-1)
-        row0 = _row_zero(batch, k, m.dtype, m.device)
+        score, best_last = total[0, :, 0].max(dim=0)
+        row0 = _row_zero(k, batch, m.dtype, m.device)
         entering = _prefix_down_sweep(levels, row0, _max_vecmat)[:, :length]  # best score before t
         _, _, trans = self._params(emissions.dtype)
-        pointers = _argmax_vecmat(entering, trans)  # y_{t-1} = pointers[t][y_t]
-        identity = torch.arange(k, device=emissions.device).expand(batch, length, k)
-        pointers = torch.where((active & ~first).unsqueeze(-1), pointers, identity)
-        tags = _follow_pointers(pointers, best_last)
+        pointers = _argmax_into(entering, trans)  # [K, T, B]: y_{t-1} = pointers[y_t, t]
+        identity = torch.arange(k, device=emissions.device).view(k, 1, 1).expand(k, length, batch)
+        pointers = torch.where((active & ~first).t(), pointers, identity)
+        tags = _follow_pointers(pointers, best_last).t()
         return score, torch.where(active, tags, 0)
 
     def decode(self, emissions: Tensor, mask: Tensor | None = None) -> list[list[int]]:
@@ -426,18 +434,18 @@ class CRF(nn.Module):
 
 
 def _follow_pointers(pointers: Tensor, best_last: Tensor) -> Tensor:
-    """Tags y_t = (bp_{t+1} ∘ ⋯ ∘ bp_T)(best_last) for every t, by doubling over index maps."""
-    batch, length, k = pointers.shape
-    identity = torch.arange(k, device=pointers.device).expand(batch, 1, k)
+    """Tags [T, B]: y_t = (bp_{t+1} ∘ ⋯ ∘ bp_T)(best_last), by doubling over index maps [K, T, B]."""
+    k, length, batch = pointers.shape
+    identity = torch.arange(k, device=pointers.device).view(k, 1, 1).expand(k, 1, batch)
     suffix = torch.cat([pointers[:, 1:], identity], dim=1)  # bp_{t+1}
     step = 1
     while step < length:
         # suffix[t] covers bp_{t+1..t+step}; compose with suffix[t+step] to cover twice as far
-        head = suffix[:, : length - step].gather(-1, suffix[:, step:])
+        head = suffix[:, : length - step].gather(0, suffix[:, step:])
         suffix = torch.cat([head, suffix[:, length - step :]], dim=1)
         step *= 2
-    index = best_last.view(batch, 1, 1).expand(batch, length, 1)
-    return suffix.gather(-1, index).squeeze(-1)
+    index = best_last.view(1, 1, batch).expand(1, length, batch)
+    return suffix.gather(0, index).squeeze(0)
 
 
 # ----------------------------------------------------------------------------- QA helpers
