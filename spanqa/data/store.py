@@ -117,20 +117,30 @@ class WindowStore:
 
     def window(self, i: int) -> dict[str, Any]:
         """Window i as the loader needs it (input_ids int64, token_type_ids int64, labels as ints)."""
-        lo, hi = self.window_starts[i], self.window_starts[i + 1]
-        input_ids = self.input_ids[lo:hi].astype(np.int64)
-        cs = int(self.context_start[i])
+        lo, hi, cs, ce, start, end = self._window_table[i].tolist()
         token_type_ids = np.zeros(hi - lo, np.int64)
         token_type_ids[cs:] = self.second_type_id  # context and its closing special token(s)
         return {
-            "input_ids": input_ids,
+            "input_ids": self._token_ids[lo:hi].astype(np.int64),
             "token_type_ids": token_type_ids,
             "context_start": cs,
-            "context_end": int(self.context_end[i]),
-            "start_position": int(self.start_positions[i]),
-            "end_position": int(self.end_positions[i]),
+            "context_end": ce,
+            "start_position": start,
+            "end_position": end,
             "index": int(i),
         }
+
+    @cached_property
+    def _window_table(self) -> np.ndarray:
+        # the per-window fields in one in-memory int64 row per window (48 bytes a window): one read per
+        # window instead of six np.memmap indexings, which cost more than the copy of the tokens
+        columns = (self.window_starts[:-1], self.window_starts[1:], self.context_start, self.context_end)
+        columns += (self.start_positions, self.end_positions)
+        return np.stack([np.asarray(c, np.int64) for c in columns], axis=1)
+
+    @cached_property
+    def _token_ids(self) -> np.ndarray:
+        return self.input_ids.view(np.ndarray)  # same mapped pages, without np.memmap's slicing overhead
 
     def offsets(self, i: int) -> np.ndarray:
         """int32 [window_length, 2]: character span of each token of window i in its context."""
