@@ -172,3 +172,12 @@ def test_example_without_windows_gets_no_answer(store):
     predictions, null_odds = select_answers(span_candidates(start[rows], end[rows], mask[rows]), rows, store)
     assert predictions == {"river": "", "moon": ""}
     assert null_odds["river"] == float("inf")
+
+
+def test_bad_logits_are_refused():
+    start, end, mask = one_window(START, END, (3, 8))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        span_candidates(start, end[:, :5], mask)
+    start[0, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        span_candidates(start, end, mask)

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from spanqa.errors import SpanqaError
 from spanqa.eval.squad_metric import (
     check_null_odds_cover,
     load_json,
@@ -62,7 +63,10 @@ def main(argv: list[str]) -> int:
         check_null_odds_cover(null_odds, (g.id for g in golds), predictions, args.null_odds)
     report = squad_v2_scores(golds, predictions, null_odds, args.null_threshold)
     if args.out:
-        write_json_atomic(Path(args.out), report)
+        try:
+            write_json_atomic(Path(args.out), report)
+        except OSError as err:
+            raise SpanqaError(f"{args.out}: --out: cannot write ({err.strerror})") from None
     print(json.dumps(report, indent=2))
     return 0
 
