@@ -240,8 +240,8 @@ def trained_span_export(tiny_dir, tokenizer, tmp_path_factory):
     question = real_questions(n_answerable=1, n_impossible=0)[0]
     batch = collate(tokenizer, [question])
     model = fresh_model(tiny_dir, "span")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(15):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(8):
         loss = model(**batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -362,3 +362,29 @@ def test_encoder_without_sdpa_falls_back_to_eager_and_round_trips(
     with torch.no_grad():
         for key, value in loaded(**batch).items():
             torch.testing.assert_close(value, outputs[key].detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_store_batches_flow_through_model_and_answer_selection(tiny_dir, tiny_store, head):
+    """The contract with the data and eval parts: collated store windows in, an answer per example out."""
+    from spanqa.data.loader import collate_windows
+    from spanqa.eval.candidates import WindowCandidates
+    from spanqa.eval.postprocess import select_answers
+
+    model = fresh_model(tiny_dir, head).eval()
+    parts, window_indices = [], []
+    for first in range(0, len(tiny_store), 32):
+        batch = collate_windows(
+            [tiny_store.window(i) for i in range(first, min(first + 32, len(tiny_store)))]
+        )
+        window_indices.append(batch.pop("window_index").numpy())
+        with torch.no_grad():
+            outputs = model(**batch)
+        assert torch.isfinite(outputs["loss"])
+        parts.append(model.candidates(outputs, batch["context_mask"], n_best=5, max_answer_length=30))
+    cands = WindowCandidates.concatenate(parts)
+    predictions, null_odds = select_answers(cands, np.concatenate(window_indices), tiny_store)
+    examples = tiny_store.examples()
+    assert predictions.keys() == null_odds.keys() == {e.id for e in examples}
+    contexts = {e.id: e.context for e in examples}
+    assert all(answer in contexts[qid] for qid, answer in predictions.items())
