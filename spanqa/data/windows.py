@@ -159,7 +159,7 @@ def build_windows(
     settings.validate(template.n_special)
     questions = _tokenize_questions(examples, tokenizer, settings.max_query_length, progress)
     contexts, context_of = _tokenize_contexts(examples, tokenizer, progress)
-    return _assemble(examples, questions, contexts, context_of, template, settings)
+    return _assemble(examples, questions, contexts, context_of, template, settings, progress)
 
 
 def _batches(texts: list[str], progress: bool, desc: str):
@@ -233,7 +233,11 @@ def answer_token_span(offsets: np.ndarray, start_char: int, end_char: int) -> tu
     return first, last
 
 
-def _assemble(examples, questions, contexts, context_of, template: PairTemplate, settings) -> WindowArrays:
+def _assemble(
+    examples, questions, contexts, context_of, template: PairTemplate, settings, progress: bool = False
+) -> WindowArrays:
+    from tqdm.auto import tqdm
+
     prefix = np.asarray(template.prefix, np.int64)
     middle = np.asarray(template.middle, np.int64)
     suffix = np.asarray(template.suffix, np.int64)
@@ -241,7 +245,7 @@ def _assemble(examples, questions, contexts, context_of, template: PairTemplate,
     pieces_offsets: list[np.ndarray] = []
     rows: list[tuple[int, int, int, int, int, int, int]] = []
     labelled = 0
-    for ex_i, ex in enumerate(examples):
+    for ex_i, ex in enumerate(tqdm(examples, desc="windows", unit="question", disable=not progress)):
         q = np.asarray(questions[ex_i], np.int64)
         ctx = contexts[context_of[ex_i]]
         head = np.concatenate([prefix, q, middle])
