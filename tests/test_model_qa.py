@@ -171,6 +171,8 @@ def test_loss_decreases_on_a_fixed_batch(tiny_dir, batch, head):
         optimizer.step()
         losses.append(loss.item())
     assert (np.diff(losses) < 0).all() and losses[-1] < 0.8 * losses[0], losses
+    # No parameter without a gradient (BERT's unused pooler is gone), as DeepSpeed's ZeRO expects.
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -388,3 +390,13 @@ def test_store_batches_flow_through_model_and_answer_selection(tiny_dir, tiny_st
     assert predictions.keys() == null_odds.keys() == {e.id for e in examples}
     contexts = {e.id: e.context for e in examples}
     assert all(answer in contexts[qid] for qid, answer in predictions.items())
+
+
+def test_load_model_names_a_damaged_export(tiny_dir, tokenizer, tmp_path):
+    out_dir = tmp_path / "export"
+    export_model(fresh_model(tiny_dir, "span"), tokenizer, out_dir, SETTINGS)
+    weights = out_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SpanqaError, match="cannot load the exported span model") as caught:
+        load_model(out_dir)
+    assert str(out_dir) in str(caught.value) and "\n" not in str(caught.value)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -94,7 +95,7 @@ def load_encoder(model_name_or_path: str, attn_implementation: str = "sdpa", **k
     _check_local_path(model_name_or_path)
     try:
         return _from_pretrained(AutoModel, model_name_or_path, attn_implementation, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise SpanqaError(
             f"--model {model_name_or_path}: cannot load the encoder: {_first_line(err)}"
         ) from err
@@ -231,7 +232,7 @@ def load_model(model_dir: str | Path, attn_implementation: str = "sdpa") -> tupl
             model = QAModel(encoder, "crf")
             model.head.load_state_dict(load_file(str(model_dir / CRF_HEAD_FILE)))
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise SpanqaError(f"{model_dir}: cannot load the exported {head} model: {_first_line(err)}") from err
     return model.eval(), tokenizer, spanqa_config
 
