@@ -172,6 +172,9 @@ def test_example_without_windows_gets_no_answer(store):
     predictions, null_odds = select_answers(span_candidates(start[rows], end[rows], mask[rows]), rows, store)
     assert predictions == {"river": "", "moon": ""}
     assert null_odds["river"] == float("inf")
+    nothing = span_candidates(start[:0], end[:0], mask[:0])
+    assert nbest_answers(nothing, rows[:0], store) == {"river": [], "moon": []}
+    assert select_answers(nothing, rows[:0], store)[0] == {"river": "", "moon": ""}
 
 
 def test_bad_logits_are_refused():

@@ -220,9 +220,11 @@ def nbest_answers(
     flat_score = cands.scores.reshape(-1).astype(np.float64)
     flat_window = np.repeat(window_indices, k)
     flat_example = np.asarray(store.example_index[flat_window], dtype=np.int64)
-    keep = np.isfinite(flat_score)
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(np.isfinite(flat_score))
     order = idx[np.lexsort((-flat_score[idx], flat_example[idx]))]
+    out: dict[str, list[dict]] = {ex.id: [] for ex in examples}
+    if not len(order):
+        return out
     grouped = flat_example[order]
     rank = np.arange(len(order)) - np.maximum.accumulate(
         np.where(np.r_[True, grouped[1:] != grouped[:-1]], np.arange(len(order)), 0)
@@ -231,7 +233,6 @@ def nbest_answers(
     base = np.asarray(store.window_starts[flat_window[order]], dtype=np.int64)
     first = np.asarray(store.char_offsets[base + cands.starts.reshape(-1)[order], 0], dtype=np.int64)
     last = np.asarray(store.char_offsets[base + cands.ends.reshape(-1)[order], 1], dtype=np.int64)
-    out: dict[str, list[dict]] = {ex.id: [] for ex in examples}
     for j, flat in enumerate(order.tolist()):
         ex = examples[flat_example[flat]]
         out[ex.id].append(
