@@ -122,7 +122,7 @@ def measured_matmul_peak(
     """
     torch_dtype = TORCH_DTYPES[dtype]
     max_n = max_n or (16384 if device.type == "cuda" else 4096)
-    n = 256
+    n = min(1024, max_n)  # smaller products measure call overhead and thread wake-up, not the peak
     while True:
         seconds = _time_matmul(device, torch_dtype, n, repeats=1)
         if seconds >= min_seconds or n >= max_n:
@@ -156,7 +156,8 @@ def device_name(device: torch.device) -> str:
     """A human name of the device: the GPU's marketing name, or the CPU with torch's thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def device_peak(device: torch.device, dtype: str) -> DevicePeak:

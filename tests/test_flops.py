@@ -105,6 +105,6 @@ def test_an_unknown_gpu_is_not_in_the_table():
 
 def test_cpu_peak_is_measured_from_a_matmul():
     flops, n = measured_matmul_peak(torch.device("cpu"), "fp32", repeats=2, min_seconds=0.005, max_n=512)
-    assert flops > 1e8 and n in (256, 512)
+    assert flops > 1e8 and n == 512
     peak = device_peak(torch.device("cpu"), "fp32")
     assert peak.source.startswith("measured:") and peak.flops_per_s > 1e8 and peak.dtype == "fp32"
