@@ -36,10 +36,11 @@ DEFAULT_EXPERIMENT = "spanqa"
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) block a training step for
 # minutes when the server is down. These bound one call to a few seconds; a value the user has set in
 # the environment wins. Names checked against mlflow 3.17's mlflow/environment_variables.py.
-# No retries inside a call: a failed call puts the tracker offline and its records are re-sent later,
-# which is the retry. A server host that vanished (no answer at all) then costs one timeout per attempt.
+# One immediate retry (a keep-alive connection the server just closed is not an outage); a failed call
+# then puts the tracker offline and its records are re-sent later, which is the real retry. A server
+# host that vanished (no answer at all) costs two timeouts per attempt, attempts spaced out exponentially.
 BOUNDED_HTTP_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
