@@ -170,6 +170,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise SpanqaError(f"--model: {args.model}: not a Hugging Face model directory (no config.json)")
     cuda = torch.cuda.is_available()
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.dtype == "fp16" and not cuda:
+        raise SpanqaError("--dtype: fp16 training needs a CUDA device (DeepSpeed has no fp16 on CPU)")
     args.batch_size = args.batch_size or (32 if cuda else 8)
     if args.batch_size < 1:
         raise SpanqaError(f"--batch_size: must be at least 1, got {args.batch_size}")
@@ -400,6 +402,7 @@ class StepTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.marks: list = []
+        self.cpu_marks: list[float] = []  # this process's CPU time (all threads) at each mark
 
     def mark(self) -> None:
         if self.device.type == "cuda":
@@ -408,6 +411,15 @@ class StepTimer:
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
+
+    def cpu_share(self, first: int, last: int) -> float | None:
+        """CPU: the share of its threads' wall time this process ran between two marks; well below 1
+        means other processes held the cores (a shared machine), and the figures are slowed by that."""
+        if self.device.type == "cuda":
+            return None
+        wall = (self.marks[last] - self.marks[first]) * torch.get_num_threads()
+        return (self.cpu_marks[last] - self.cpu_marks[first]) / wall
 
     def intervals(self) -> list[float]:
         if self.device.type == "cuda":
@@ -454,10 +466,19 @@ def summarize(rank_results: list[dict], peak_flops: float) -> dict:
         "measured_steps": len(step_seconds),
         "measured_seconds": wall,
         "real_tokens_fraction": tokens / max(1, sum(r["padded_tokens"] for r in rank_results)),
+        "cpu_share": None
+        if rank_results[0]["cpu_share"] is None
+        else min(r["cpu_share"] for r in rank_results),
+        "load_average_1min": os.getloadavg()[0],
     }
 
 
+def flops_text(tflops: float) -> str:
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1000:.1f} GFLOP/s"
+
+
 def print_table(result: dict) -> None:
+    achieved = result["achieved_tflops"]
     rows = [
         ("device", f"{result['device']} × {result['world_size']}"),
         ("model", f"{result['model']} ({result['parameters'] / 1e6:.1f}M parameters), head {result['head']}"),
@@ -476,13 +497,13 @@ def print_table(result: dict) -> None:
             f"(p10 {result['step_time_p10_s'] * 1000:.1f}, p90 {result['step_time_p90_s'] * 1000:.1f})",
         ),
         ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB ({result['peak_memory_kind']})"),
-        (
-            "model FLOP/s",
-            f"{result['achieved_tflops']:.3f} TFLOP/s ({result['achieved_tflops_per_device']:.3f}/device)",
-        ),
-        ("device peak", f"{result['peak_tflops_per_device']:.3f} TFLOP/s ({result['peak_source']})"),
+        ("model FLOP/s", f"{flops_text(achieved)} ({flops_text(achieved / result['world_size'])}/device)"),
+        ("device peak", f"{flops_text(result['peak_tflops_per_device'])} ({result['peak_source']})"),
         ("MFU", f"{100 * result['mfu']:.1f}%"),
     ]
+    if result["cpu_share"] is not None:
+        load = f"load average {result['load_average_1min']:.1f} on {os.cpu_count()} cores"
+        rows.append(("cpu share", f"{100 * result['cpu_share']:.0f}% of its threads' wall time ({load})"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -578,6 +599,7 @@ class StepMeter:
             raise SpanqaError(f"--steps: the Trainer ran {len(self.batches)} steps, fewer than asked for")
         memory, kind = peak_memory_bytes(self.device)
         return {
+            "cpu_share": self.timer.cpu_share(self.warmup, self.warmup + steps),
             "step_seconds": seconds,
             "wall_seconds": sum(seconds),
             "windows": sum(b[0] for b in measured),

@@ -86,13 +86,21 @@ def test_summary_sums_ranks_and_divides_by_every_device():
         flops=10**12,
         step_seconds=[0.5, 0.5, 0.4, 0.6],
         peak_memory_bytes=100,
+        cpu_share=0.9,
     )
-    slower = {**rank, "wall_seconds": 4.0, "step_seconds": [0.5, 0.9, 0.4, 0.6], "peak_memory_bytes": 300}
+    slower = {
+        **rank,
+        "wall_seconds": 4.0,
+        "step_seconds": [0.5, 0.9, 0.4, 0.6],
+        "peak_memory_bytes": 300,
+        "cpu_share": 0.5,
+    }
     summary = bench.summarize([rank, slower], peak_flops=1e12)
     assert summary["samples_per_s"] == 32 / 4.0 and summary["real_tokens_per_s"] == 6000 / 4.0
     assert summary["achieved_tflops"] == pytest.approx(0.5) and summary["mfu"] == pytest.approx(0.25)
     assert summary["step_time_median_s"] == pytest.approx(0.55)  # a step ends when its slowest rank does
     assert summary["peak_memory_bytes"] == 300 and summary["real_tokens_fraction"] == 0.75
+    assert summary["cpu_share"] == 0.5  # the rank that got the least CPU explains the slowest steps
 
 
 def test_bad_flags_name_the_flag(tmp_path):
@@ -142,4 +150,5 @@ def test_tiny_model_trains_on_cpu_and_reports_positive_figures(tmp_path, tiny_st
     assert result["head"] == head and 0 < result["mfu"] < 1
     assert result["achieved_tflops"] == pytest.approx(result["mfu"] * result["peak_tflops_per_device"])
     assert torch.cuda.is_available() or result["peak_memory_kind"] == "cpu max RSS"
+    assert torch.cuda.is_available() or 0 < result["cpu_share"] <= 1.05  # process time over threads × wall
     assert np.isfinite(result["samples_per_s"])
