@@ -68,7 +68,12 @@ def reference_candidates(start, end, mask, n_best, max_len):
         context = np.flatnonzero(m_row).tolist()
         top_s = sorted(context, key=lambda i: (-s_row[i], i))[:n_best]
         top_e = sorted(context, key=lambda i: (-e_row[i], i))[:n_best]
-        pairs = [(s_row[s] + e_row[e], s, e) for s in top_s for e in top_e if s <= e and e - s + 1 <= max_len]
+        pairs = [
+            (float(np.float32(s_row[s]) + np.float32(e_row[e])), s, e)  # float32 sums, like the model's
+            for s in top_s
+            for e in top_e
+            if s <= e and e - s + 1 <= max_len
+        ]
         pairs.sort(key=lambda p: -p[0])  # stable: ties keep start rank, then end rank
         rows.append(pairs[:n_best])
     return rows
@@ -88,7 +93,7 @@ def test_matches_the_definition_across_chunks():
             (float(v), int(s), int(e))
             for v, s, e in zip(cands.scores[row], cands.starts[row], cands.ends[row], strict=True)
         ]
-        assert got[: len(expected)] == [(np.float32(v), s, e) for v, s, e in expected], row
+        assert got[: len(expected)] == expected, row
         assert all(np.isneginf(v) for v, _, _ in got[len(expected) :])
 
 
