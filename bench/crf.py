@@ -45,18 +45,25 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
     return emissions.to(device), tags.to(device), mask.to(device)
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (and Triton compilation)
-    times = []
-    for _ in range(repeats):
+def paired_medians_ms(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median wall time of each of two functions, calls alternating so that both see the same
+    machine load (the bench machine is shared; a ratio of interleaved medians is the robust figure)."""
+
+    def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return time.perf_counter() - start
+
+    fn_a(), fn_b()  # warm-up (and Triton compilation)
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(fn_a))
+        times_b.append(timed(fn_b))
+    return statistics.median(times_a) * 1e3, statistics.median(times_b) * 1e3
 
 
 def fwd_bwd(crf, emissions, tags, mask):
@@ -86,10 +93,12 @@ def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
     ours.load_state_dict(ref.state_dict())
     emissions, tags, mask = make_inputs(case, device)
     row = {"case": case.name, "device": device.type}
-    row["ref_fwd_bwd_ms"] = median_ms(fwd_bwd(ref, emissions, tags, mask), repeats, device)
-    row["fwd_bwd_ms"] = median_ms(fwd_bwd(ours, emissions, tags, mask), repeats, device)
-    row["ref_viterbi_ms"] = median_ms(lambda: ref.decode(emissions, mask), repeats, device)
-    row["viterbi_ms"] = median_ms(lambda: ours.decode(emissions, mask), repeats, device)
+    row["ref_fwd_bwd_ms"], row["fwd_bwd_ms"] = paired_medians_ms(
+        fwd_bwd(ref, emissions, tags, mask), fwd_bwd(ours, emissions, tags, mask), repeats, device
+    )
+    row["ref_viterbi_ms"], row["viterbi_ms"] = paired_medians_ms(
+        lambda: ref.decode(emissions, mask), lambda: ours.decode(emissions, mask), repeats, device
+    )
     row["fwd_bwd_speedup"] = row["ref_fwd_bwd_ms"] / row["fwd_bwd_ms"]
     row["viterbi_speedup"] = row["ref_viterbi_ms"] / row["viterbi_ms"]
     if device.type == "cuda":

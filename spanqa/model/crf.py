@@ -39,6 +39,11 @@ NEG = -1e30
 # emissions are clipped to this magnitude so that real scores never approach NEG
 _EMISSION_LIMIT = 1e20
 
+# exp() arguments are clamped here: torch's vectorised exp is ~20x slower on arguments below about
+# -88 (its out-of-range and denormal paths), and log 0 is everywhere in the scan. exp(-80) ~ 2e-35
+# is below the rounding of float32 and float64 next to the max term (which contributes exactly 1).
+_EXP_FLOOR = -80.0
+
 TAG_O, TAG_B, TAG_I = 0, 1, 2
 REDUCTIONS = ("none", "sum", "mean", "token_mean")
 
@@ -57,9 +62,9 @@ def _lse_terms(terms: list[Tensor]) -> Tensor:
     m = terms[0]
     for t in terms[1:]:
         m = torch.maximum(m, t)
-    acc = torch.sub(terms[0], m).exp_()
+    acc = torch.sub(terms[0], m).clamp_(min=_EXP_FLOOR).exp_()
     for t in terms[1:]:
-        acc += t.sub_(m).exp_()
+        acc += t.sub_(m).clamp_(min=_EXP_FLOOR).exp_()
     return acc.log_().add_(m)
 
 
@@ -189,7 +194,7 @@ def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tenso
     g += beta.unsqueeze(0)
     g -= log_z
     # a probability: rounding at huge scores must not push it above 1 (or overflow exp)
-    return g.clamp_(max=0.0).exp_()
+    return g.clamp_(min=_EXP_FLOOR, max=0.0).exp_()
 
 
 # position kinds: which [K, K] block a position's chain matrix starts from
@@ -205,7 +210,10 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
     """M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
-    base = table.permute(1, 2, 0)[:, :, kind]
+    k = table.shape[1]
+    inner, first, eye = (table[kind_id].view(k, k, 1, 1) for kind_id in (_INNER, _FIRST, _MASKED))
+    base = torch.where(kind == _FIRST, first, inner)
+    base = torch.where(kind == _MASKED, eye, base)
     return base.add_(emit.unsqueeze(0))
 
 
@@ -425,12 +433,24 @@ class CRF(nn.Module):
         """pytorch-crf's list form: the best tags over each row's active positions."""
         _, tags = self.viterbi(emissions, mask)
         active = torch.ones_like(tags, dtype=torch.bool) if mask is None else mask.bool()
-        flat = tags[active].tolist()
+        flat = tags.masked_select(active).tolist()
         paths, offset = [], 0
         for n in active.sum(1).tolist():
             paths.append(flat[offset : offset + n])
             offset += n
         return paths
+
+
+def _compose(outer: Tensor, inner: Tensor) -> Tensor:
+    """(outer ∘ inner)[y] = outer[inner[y]] for index maps [K, ...] over the first dimension."""
+    k = outer.shape[0]
+    if k > _UNROLL_MAX_K:
+        return outer.gather(0, inner)
+    # a select per possible value: far cheaper than gather over a strided first dimension
+    out = outer[k - 1].expand_as(inner).clone()
+    for value in range(k - 1):
+        out = torch.where(inner == value, outer[value], out)
+    return out
 
 
 def _follow_pointers(pointers: Tensor, best_last: Tensor) -> Tensor:
@@ -441,7 +461,7 @@ def _follow_pointers(pointers: Tensor, best_last: Tensor) -> Tensor:
     step = 1
     while step < length:
         # suffix[t] covers bp_{t+1..t+step}; compose with suffix[t+step] to cover twice as far
-        head = suffix[:, : length - step].gather(0, suffix[:, step:])
+        head = _compose(suffix[:, : length - step], suffix[:, step:])
         suffix = torch.cat([head, suffix[:, length - step :]], dim=1)
         step *= 2
     index = best_last.view(1, 1, batch).expand(1, length, batch)
