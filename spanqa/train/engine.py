@@ -245,6 +245,7 @@ class Trainer:
         if self.dev_store is None:
             self.eval_at = set()
 
+        seed_everything(config.seed)  # again: the head's initialisation must not depend on what ran before
         model = build_model(config.model, config.head)
         if config.compile:
             model.compile()  # in place: parameter names (checkpoints, export) stay the same
@@ -345,7 +346,9 @@ class Trainer:
             )
         self.engine.step()
         loss = loss.detach().float()
-        self._loss_sum += loss
+        # weighted by windows, so that the logged loss is the mean over the global batch whatever
+        # the split across ranks (the last batch of an epoch splits unevenly)
+        self._loss_sum += loss * len(batch["input_ids"])
         self._micro += 1
         return loss
 
@@ -396,7 +399,7 @@ class Trainer:
         if logging_due and micro > 0:
             elapsed = time.perf_counter() - self._window_started
             metrics = {
-                "loss": loss_sum / micro,
+                "loss": loss_sum / samples,
                 "lr": self.scheduler.get_last_lr()[0],
                 "samples_per_s": samples / elapsed,
                 "tokens_per_s": tokens / elapsed,
