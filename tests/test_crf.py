@@ -332,3 +332,18 @@ def test_span_helpers_reject_bad_input():
         span_candidates(crf, torch.randn(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(SpanqaError, match="contiguous"):
         span_candidates(CRF(3), torch.randn(1, 4, 3), torch.tensor([[True, False, True, True]]))
+
+
+def test_viterbi_never_stitches_two_tied_best_paths():
+    # the best paths are 1,2 and 2,1 (equal scores); the per-position best tags would stitch 1,1
+    crf = CRF(3)
+    with torch.no_grad():
+        crf.transitions.fill_(float("-inf"))
+        crf.transitions[1, 2] = crf.transitions[2, 1] = 0.0
+        crf.start_transitions.copy_(torch.tensor([float("-inf"), 0.0, 0.0]))
+        crf.end_transitions.copy_(torch.tensor([float("-inf"), 0.0, 0.0]))
+    emissions = torch.zeros(1, 2, 3)
+    score, path = crf.viterbi(emissions)
+    assert score.item() == 0.0
+    assert path[0].tolist() in ([1, 2], [2, 1])
+    torch.testing.assert_close(crf.gold_score(emissions, path), score)

@@ -51,66 +51,43 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean")
 # ----------------------------------------------------------------------------- semiring kernels
 # Layout: tag indices first, positions last ("structure of arrays"): matrices are [K, K, L, B] and
 # vectors [K, L, B], so that every elementwise op runs over long contiguous inner loops of positions
-# (an inner dimension of size K = 3 would defeat vectorisation). K is tiny, and torch reductions
-# over a dimension of size 3 are slow, so the reduction over the inner tag index is unrolled into K
-# elementwise terms; larger K falls back to broadcasting + a reduction.
+# (an inner dimension of size K = 3 would defeat vectorisation). The index summed over is moved to
+# dim 0 of one broadcast sum, so each semiring product is a handful of ops whatever K is, and the
+# reduction over dim 0 is a vectorised elementwise pass over K slices.
 _UNROLL_MAX_K = 8
 
 
-def _lse_terms(terms: list[Tensor]) -> Tensor:
-    """Elementwise logsumexp of a list of same-shape tensors (the list is consumed)."""
-    m = terms[0]
-    for t in terms[1:]:
-        m = torch.maximum(m, t)
-    acc = torch.sub(terms[0], m).clamp_(min=_EXP_FLOOR).exp_()
-    for t in terms[1:]:
-        acc += t.sub_(m).clamp_(min=_EXP_FLOOR).exp_()
-    return acc.log_().add_(m)
-
-
-def _max_terms(terms: list[Tensor]) -> Tensor:
-    m = terms[0]
-    for t in terms[1:]:
-        m = torch.maximum(m, t)
-    return m
+def _lse0(s: Tensor) -> Tensor:
+    """logsumexp over dim 0 (s is consumed)."""
+    m = s.amax(0)
+    return s.sub_(m).clamp_(min=_EXP_FLOOR).exp_().sum(0).log_().add_(m)
 
 
 def _log_matmul(a: Tensor, b: Tensor) -> Tensor:
     """[K, K, ...] x [K, K, ...] in the log semiring: c[i, k] = logsumexp_j a[i, j] + b[j, k]."""
-    k = a.shape[0]
-    if k > _UNROLL_MAX_K:
-        return torch.logsumexp(a.unsqueeze(2) + b.unsqueeze(0), dim=1)
-    return _lse_terms([a[:, j].unsqueeze(1) + b[j].unsqueeze(0) for j in range(k)])
+    return _lse0(a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1))  # [j, i, k, ...]
 
 
 def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
-    k = a.shape[0]
-    if k > _UNROLL_MAX_K:
-        return (a.unsqueeze(2) + b.unsqueeze(0)).amax(dim=1)
-    return _max_terms([a[:, j].unsqueeze(1) + b[j].unsqueeze(0) for j in range(k)])
+    return (a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1)).amax(0)
 
 
 def _log_vecmat(v: Tensor, a: Tensor) -> Tensor:
     """[K, ...] x [K, K, ...] -> [K, ...]: logsumexp_i v[i] + a[i, j]."""
-    k = a.shape[0]
-    if k > _UNROLL_MAX_K:
-        return torch.logsumexp(v.unsqueeze(1) + a, dim=0)
-    return _lse_terms([v[i].unsqueeze(0) + a[i] for i in range(k)])
+    return _lse0(v.unsqueeze(1) + a)
 
 
 def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
     """[K, K, ...] x [K, ...] -> [K, ...]: logsumexp_j a[i, j] + w[j]."""
-    k = a.shape[0]
-    if k > _UNROLL_MAX_K:
-        return torch.logsumexp(a + w.unsqueeze(0), dim=1)
-    return _lse_terms([a[:, j] + w[j].unsqueeze(0) for j in range(k)])
+    return _lse0(a.transpose(0, 1) + w.unsqueeze(1))
 
 
 def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    k = a.shape[0]
-    if k > _UNROLL_MAX_K:
-        return (v.unsqueeze(1) + a).amax(dim=0)
-    return _max_terms([v[i].unsqueeze(0) + a[i] for i in range(k)])
+    return (v.unsqueeze(1) + a).amax(0)
+
+
+def _max_matvec(a: Tensor, w: Tensor) -> Tensor:
+    return (a.transpose(0, 1) + w.unsqueeze(1)).amax(0)
 
 
 def _argmax_into(v: Tensor, trans: Tensor) -> Tensor:
@@ -168,13 +145,13 @@ def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
     return v
 
 
-def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor) -> Tensor:
+def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec=None) -> Tensor:
     """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out, as [K, L_padded, B]."""
     w = top_out
     for child in reversed(levels):
         half = child.shape[2] // 2
         w = w[:, :half]
-        left = _log_matvec(child[:, :, 1::2], w)
+        left = (matvec or _log_matvec)(child[:, :, 1::2], w)
         w = torch.stack([left, w], dim=2).flatten(1, 2)
     return w
 
@@ -416,18 +393,37 @@ class CRF(nn.Module):
         return self._viterbi_torch(emissions, active, first, last)
 
     def _viterbi_torch(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor):
+        """Max-marginals: with the max-plus prefix (through t) and suffix (after t) of every tag, the
+        best path takes, at each position, the tag whose best path through it is best. On exact or
+        rounding-level ties that can stitch two best paths into a worse one, so the stitched path is
+        checked against the optimum, and on failure the backpointer scan (exact, consistent) runs."""
         batch, length, k = emissions.shape
         m = self._chain_matrices(emissions, active, first, last)
         levels, total = _up_sweep(m, _max_matmul)
-        score, best_last = total[0, :, 0].max(dim=0)
+        final = total[0, :, 0]  # [K, B]: best score of a full path ending in each tag
+        score = final.amax(0)
         row0 = _row_zero(k, batch, m.dtype, m.device)
-        entering = _prefix_down_sweep(levels, row0, _max_vecmat)[:, :length]  # best score before t
+        entering = _prefix_down_sweep(levels, row0, _max_vecmat)  # best score before t, [K, L, B]
+        zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
+        leaving = _suffix_down_sweep(levels, zeros, _max_matvec)[:, :length]  # best after t
+        through = torch.cat([entering[:, 1:], final.unsqueeze(1)], dim=1)[:, :length]
+        tags = _argmax0(through.add_(leaving)).t()
+        tags = torch.where(active, tags, 0)
+        path_score = self._gold_score(emissions, tags, active, last)
+        tolerance = (1.0 + score.abs()) * (1e-5 if emissions.dtype != torch.float64 else 1e-12)
+        if bool((path_score >= score - tolerance).all()):
+            return score, tags
+        return score, self._backtrack(emissions, active, first, levels, entering[:, :length], final)
+
+    def _backtrack(self, emissions, active, first, levels, entering, final) -> Tensor:
+        """Exact backpointer path: y_{t-1} = bp_t(y_t), composed by a doubling scan over index maps."""
+        batch, length, k = emissions.shape
         _, _, trans = self._params(emissions.dtype)
         pointers = _argmax_into(entering, trans)  # [K, T, B]: y_{t-1} = pointers[y_t, t]
         identity = torch.arange(k, device=emissions.device).view(k, 1, 1).expand(k, length, batch)
         pointers = torch.where((active & ~first).t(), pointers, identity)
-        tags = _follow_pointers(pointers, best_last).t()
-        return score, torch.where(active, tags, 0)
+        tags = _follow_pointers(pointers, _argmax0(final)).t()
+        return torch.where(active, tags, 0)
 
     def decode(self, emissions: Tensor, mask: Tensor | None = None) -> list[list[int]]:
         """pytorch-crf's list form: the best tags over each row's active positions."""
@@ -439,6 +435,18 @@ class CRF(nn.Module):
             paths.append(flat[offset : offset + n])
             offset += n
         return paths
+
+
+def _argmax0(x: Tensor) -> Tensor:
+    """argmax over dim 0 (first index on ties), unrolled: torch's reduction over a small outer dim
+    is slow."""
+    best = x[0]
+    index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
+    for j in range(1, x.shape[0]):
+        better = x[j] > best
+        best = torch.maximum(best, x[j])
+        index.masked_fill_(better, j)
+    return index
 
 
 def _compose(outer: Tensor, inner: Tensor) -> Tensor:
