@@ -37,7 +37,7 @@ def test_best_span_uses_context_only():
 
 def test_max_answer_length_and_tie_order():
     cands = span_candidates(*one_window(START, END, (3, 8)), max_answer_length=2)
-    # (4, 6) is 3 tokens long; ties go to the better-ranked start, then end (equal logits rank by position)
+    # (4, 6) is 3 tokens long; equal scores go to the earlier start, then the earlier end
     assert spans(cands) == [(4, 4, 3.0), (4, 5, 3.0), (5, 6, 2.0), (6, 6, 2.0)]
     assert np.all(cands.ends - cands.starts < 2)
 
@@ -74,7 +74,7 @@ def reference_candidates(start, end, mask, n_best, max_len):
             for e in top_e
             if s <= e and e - s + 1 <= max_len
         ]
-        pairs.sort(key=lambda p: -p[0])  # stable: ties keep start rank, then end rank
+        pairs.sort(key=lambda p: (-p[0], p[1], p[2]))  # equal scores: earlier start, then earlier end
         rows.append(pairs[:n_best])
     return rows
 

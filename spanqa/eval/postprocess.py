@@ -30,8 +30,7 @@ def span_candidates(
     transformers' run_qa does, but among context tokens only), must end at or after their start and be at
     most `max_answer_length` tokens long; a span scores start + end logit, the null answer the CLS (index 0)
     start + end logit, added in float32. Rows come out best first, -inf where a window has fewer valid spans
-    than `n_best`. Ties go to the better-ranked start, then the better-ranked end; equal logits rank by
-    position.
+    than `n_best`. Equal scores go to the earlier start, then the earlier end.
     """
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     context_mask = np.asarray(context_mask, dtype=bool)
@@ -76,8 +75,9 @@ def _chunk_candidates(
     """Top spans of a chunk of windows whose columns were cut to their context band."""
     start = np.where(context_mask, start_logits.astype(np.float32, copy=False), np.float32(-np.inf))
     end = np.where(context_mask, end_logits.astype(np.float32, copy=False), np.float32(-np.inf))
-    top_starts, start_values = _top_k(start, n_best)  # [c, s]
-    top_ends, end_values = _top_k(end, n_best)  # [c, e]
+    # the best starts and ends in position order: the pairs' flat order then breaks score ties by position
+    top_starts, start_values = _top_k(start, n_best, by_value=False)  # [c, s]
+    top_ends, end_values = _top_k(end, n_best, by_value=False)  # [c, e]
     # float32 sums, as the model's float32 logits add (and as run_qa adds them); half the bytes of float64
     # for numpy's SIMD sort in _top_k
     pair_scores = start_values[:, :, None] + end_values[:, None, :]
@@ -98,8 +98,9 @@ def _chunk_candidates(
     return scores.astype(np.float32), starts.astype(np.int32), ends.astype(np.int32)
 
 
-def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices and values of the k largest entries of each row, largest first, ties by column.
+def _top_k(values: np.ndarray, k: int, by_value: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of the k largest entries of each row, largest first, ties by column
+    (or, with by_value=False, in column order).
 
     Finds each row's k-th largest value with a plain sort (numpy's SIMD sort beats argpartition here by
     2-3x), keeps the entries above it plus the leftmost entries equal to it, then orders those k.
@@ -122,8 +123,9 @@ def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         chosen[excess] = above | (tie & (np.cumsum(tie, axis=1) <= need))
     flat = np.flatnonzero(chosen).reshape(n, k)  # row-major: each row's k positions, in column order
     flat_values = values.reshape(-1)
-    rank = np.argsort(-flat_values[flat], axis=1, kind="stable")
-    flat = flat.reshape(-1)[rank + (k * np.arange(n))[:, None]]
+    if by_value:
+        rank = np.argsort(-flat_values[flat], axis=1, kind="stable")
+        flat = flat.reshape(-1)[rank + (k * np.arange(n))[:, None]]
     columns = flat - (width * np.arange(n))[:, None]
     return columns.astype(np.int32), flat_values[flat]
 
