@@ -81,7 +81,8 @@ class TrainConfig:
     eval_metric: str = "best_f1"
     """Metric that picks the best checkpoint: exact, f1, best_exact or best_f1."""
     eval_per_epoch: int = 1
-    """Evaluations per epoch, evenly spaced (the last one at the end of the epoch)."""
+    """Evaluations per epoch, evenly spaced (the last one at the end of the epoch); 0: only after the
+    last step (and every --eval_steps)."""
     eval_steps: int = 0
     """Also evaluate every this many optimizer steps (0: only per epoch)."""
     logging_steps: int = 10
@@ -113,7 +114,7 @@ class TrainConfig:
             ("max_query_length", 1),
             ("max_answer_length", 1),
             ("n_best_size", 1),
-            ("eval_per_epoch", 1),
+            ("eval_per_epoch", 0),
             ("eval_steps", 0),
             ("logging_steps", 1),
             ("max_steps", 0),

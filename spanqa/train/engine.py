@@ -172,7 +172,7 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 def eval_points(steps_per_epoch: int, total_steps: int, eval_per_epoch: int, eval_steps: int) -> set[int]:
     """Optimizer steps after which to evaluate: evenly spaced per epoch, every eval_steps, and the last."""
     points = {total_steps}
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    for epoch in range(math.ceil(total_steps / steps_per_epoch) if eval_per_epoch else 0):
         points.update(
             epoch * steps_per_epoch + steps_per_epoch * j // eval_per_epoch
             for j in range(1, eval_per_epoch + 1)
