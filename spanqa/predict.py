@@ -173,6 +173,8 @@ def predict(
     null_threshold); missing ones fall back to DEFAULT_SETTINGS.
     """
     settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+    if settings.get("version_2_with_negative") is False:
+        settings["null_threshold"] = math.inf  # trained on SQuAD v1.1: always answer, as its evaluation did
     with tempfile.TemporaryDirectory(prefix="spanqa-predict-") as tmp:
         store = prepare_store(questions, tokenizer, Path(tmp), settings)
         cands, window_indices = run_windows(model, store, settings, batch_size, device)

@@ -250,3 +250,9 @@ def test_bad_flags_are_one_line_errors(exported, tmp_path, capsys, args, message
 def test_not_a_model_directory(tmp_path, capsys):
     assert cli_main(["predict", "--model", str(tmp_path), "--question", "Q?", "--context", "C."]) == 2
     assert "spanqa_config.json: missing" in capsys.readouterr().err
+
+
+def test_a_model_trained_without_negatives_always_answers(exported):
+    model, tokenizer, settings = loaded(exported["span"])
+    v1 = {**settings, "version_2_with_negative": False, "null_threshold": float("-inf")}
+    assert all(p.answer for p in predict(model, tokenizer, QUESTIONS, v1).values())

@@ -191,6 +191,7 @@ def test_training_logs_to_a_server_that_goes_away_and_comes_back(server, tmp_pat
     artifacts = {a.path for a in mlflow_client.list_artifacts(run_id)}
     assert {"training_curves.png", "ds_config.json", "eval"} <= artifacts
     assert {a.path for a in mlflow_client.list_artifacts(run_id, "eval")} >= {"eval/eval_report.json"}
+    check_predict_matches_training_eval(out, fixture)
 
 
 # Runs last: it leaves the server down (a restart costs 10-40 s; the test above already shows one).
@@ -223,3 +224,18 @@ def test_tracker_keeps_going_when_the_server_dies(server, tmp_path, monkeypatch,
     assert run.data.params["config.head"] == "span"
     assert [m.step for m in backend.get_metric_history(tracker.run_id, "loss")] == [1]
     assert [p.name for p in (server.root / "artifacts").rglob("report.json")] == ["report.json"]
+
+
+def check_predict_matches_training_eval(out: Path, dev_file: Path) -> None:
+    """`spanqa predict` on the exported best model answers the dev file as the trainer's evaluation did
+    (the run's only evaluation, so eval/ holds the best model's predictions)."""
+    from spanqa.model.build import load_model
+    from spanqa.predict import predict, read_questions
+
+    model, tokenizer, settings = load_model(out / "best_model")
+    got = predict(model, tokenizer, read_questions(dev_file), settings, batch_size=16)
+    trainer_answers = json.loads((out / "eval" / "predictions.json").read_text())
+    trainer_odds = json.loads((out / "eval" / "null_odds.json").read_text())
+    assert {qid: p.answer for qid, p in got.items()} == trainer_answers
+    for qid, p in got.items():
+        assert p.null_odds == pytest.approx(trainer_odds[qid], abs=1e-4)
