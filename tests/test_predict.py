@@ -34,6 +34,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
+    import torch
     from transformers import AutoTokenizer
 
     from spanqa.model.build import build_model, export_model
@@ -44,7 +45,9 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny))
     dirs = {}
     for head in ("span", "crf"):
-        model = build_model(str(tiny), head)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the heads start random: fixed, so that every run tests the same model
+            model = build_model(str(tiny), head)
         export_model(model, tokenizer, root / head, settings=SETTINGS)
         dirs[head] = root / head
     return dirs
@@ -106,33 +109,6 @@ def test_span_head_matches_transformers_reference(exported):
     for q in QUESTIONS:
         assert got[q.id].answer == want[q.id]["answer"]
         assert got[q.id].score == pytest.approx(want[q.id]["score"], abs=1e-4)
-
-
-def _qa_pipeline_removed() -> bool:
-    from transformers import pipelines
-
-    return "question-answering" in getattr(pipelines, "REMOVED_TASKS", {})
-
-
-@pytest.mark.skipif(_qa_pipeline_removed(), reason="this transformers has no question-answering pipeline")
-def test_span_head_answers_like_the_transformers_pipeline(exported):
-    from transformers import pipeline
-
-    model, tokenizer, settings = loaded(exported["span"])
-    short = QUESTIONS[0]
-    got = predict(model, tokenizer, [short], {**settings, "null_threshold": float("inf")})
-    qa = pipeline("question-answering", model=str(exported["span"]), tokenizer=str(exported["span"]))
-    # One window: the pipeline's per-window softmax keeps the order of start + end logits. (Across
-    # several windows it does not: it compares probabilities normalised per window, spanqa compares
-    # logits, as BERT's run_squad does.)
-    limits = {
-        "max_answer_len": SETTINGS["max_answer_length"],
-        "max_seq_len": SETTINGS["max_seq_length"],
-        "max_question_len": SETTINGS["max_query_length"],
-    }
-    theirs = qa(question=short.question, context=short.context, **limits)
-    assert got[short.id].windows == 1
-    assert got[short.id].answer == theirs["answer"]
 
 
 @pytest.mark.parametrize("head", ["span", "crf"])
