@@ -99,7 +99,7 @@ def test_resume_reuses_the_run_id_and_keeps_first_params(tracking_env, tmp_path,
     second = make_tracker(0, out)
     assert second.run_id == first.run_id
     assert client(tracking_env).get_run(second.run_id).info.status == "RUNNING"
-    with caplog.at_level(logging.WARNING, logger="spanqa.tracking"):
+    with caplog.at_level(logging.WARNING, logger="spanqa.train.tracking"):
         second.log_params({"seed": 1, "max_steps": 20, "resumed_from": "ckpt-1"})
     assert "max_steps" in caplog.text
     second.log_metrics({"loss": 1.0}, step=2)
@@ -183,7 +183,7 @@ def test_unreachable_server_never_stops_training_and_records_what_was_not_logged
     # Nothing listens on this port: every call fails at once with "connection refused".
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="spanqa.tracking"):
+    with caplog.at_level(logging.WARNING, logger="spanqa.train.tracking"):
         tracker = make_tracker(0, out, tags={"spanqa.tag": "offline"})
         tracker.log_params({"head": "crf"})
         for step in range(1, 4):
@@ -219,3 +219,24 @@ def test_curve_points_are_sorted_and_smoothed():
     assert score_points(history, "f1") == ([1.0], [50.0])
     assert score_points(history, "exact") == ([], [])
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_a_process_that_dies_without_close_still_sends_and_marks_the_run_failed(tmp_path, store_uri):
+    script = textwrap.dedent(
+        """
+        from spanqa.train.tracking import make_tracker
+        tracker = make_tracker(0, "out")
+        tracker.log_metrics({"loss": 0.5}, step=7)  # buffered: the flush interval has not passed
+        raise SystemExit("trainer crashed")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store_uri}
+    env["MLFLOW_EXPERIMENT_NAME"] = "test-crash"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 1 and "trainer crashed" in result.stderr
+    run_id = (tmp_path / "out" / RUN_ID_FILE).read_text().strip()
+    run = client(store_uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 0.5}

@@ -207,7 +207,7 @@ def test_tracker_keeps_going_when_the_server_dies(server, tmp_path, monkeypatch,
 
     server.kill()
     tracker.retry_interval_s = 0.0  # try the dead server on every flush: each try must fail fast
-    with caplog.at_level(logging.WARNING, logger="spanqa.tracking"):
+    with caplog.at_level(logging.WARNING, logger="spanqa.train.tracking"):
         for step in range(2, 6):  # training goes on; nothing raises
             tracker.log_metrics({"loss": float(step)}, step=step)
             assert not tracker.flush()

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("spanqa.tracking")
+log = logging.getLogger(__name__)  # under "spanqa.train": the trainer's rank-prefixed handler
 
 RUN_ID_FILE = "mlflow_run_id"
 UNLOGGED_FILE = "mlflow_unlogged.jsonl"
@@ -161,7 +161,6 @@ class Tracker:
         self.experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         self.run_name = run_name
         self.run_id: str | None = self._stored_run_id()
-        self._resumed = self.run_id is not None
         self._initial_tags = {str(k): _as_text(v) for k, v in (tags or {}).items()}
         self._pending: list[dict] = []  # records not yet accepted by MLflow, oldest first
         self._logged_params: dict[str, str] | None = None
@@ -176,7 +175,7 @@ class Tracker:
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._try(self._start_run)
-        atexit.register(self._flush_at_exit)
+        atexit.register(self._close_at_exit)
 
     # -- public API ---------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -426,10 +425,11 @@ class Tracker:
         count = len(self._pending)
         log.warning("MLflow at %s did not take %d records; wrote them to %s", self.tracking_uri, count, path)
 
-    def _flush_at_exit(self) -> None:
-        # A process that ends without close() (a crash in the trainer) still sends its last metrics.
-        if not self._closed and self._pending:
-            self._try(self._send_pending)
+    def _close_at_exit(self) -> None:
+        # A process that ends without close() (an exception in the trainer) still sends what it has,
+        # and the run says it failed instead of staying "RUNNING" forever.
+        if not self._closed:
+            self.close(status="FAILED")
 
 
 def _http_status(err: Exception) -> int | None:
