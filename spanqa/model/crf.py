@@ -188,9 +188,8 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
     """M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
     k = table.shape[1]
-    inner, first, eye = (table[kind_id].view(k, k, 1, 1) for kind_id in (_INNER, _FIRST, _MASKED))
-    base = torch.where(kind == _FIRST, first, inner)
-    base = torch.where(kind == _MASKED, eye, base)
+    columns = table.reshape(3, k * k).t().contiguous()  # [K*K, 3]: one column per kind
+    base = columns.index_select(1, kind.flatten()).view(k, k, *kind.shape)
     return base.add_(emit.unsqueeze(0))
 
 
