@@ -3,6 +3,7 @@ Viterbi decode, median wall time, on CPU (and CUDA with the fused Triton kernel 
 
     .venv/bin/python bench/crf.py            # table
     .venv/bin/python bench/crf.py --json     # table, then one line of JSON
+    .venv/bin/python bench/crf.py --threads 1   # one CPU thread (steadier on a shared machine)
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     rows = [bench_case(case, device, args.repeats) for device in devices for case in CASES]
