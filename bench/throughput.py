@@ -42,7 +42,7 @@ import torch
 
 from spanqa.data.squad import Example
 from spanqa.data.store import WindowStore, build_meta, write_store
-from spanqa.data.windows import WindowArrays, tokenizer_fingerprint
+from spanqa.data.windows import PairTemplate, WindowArrays, pair_template, tokenizer_fingerprint
 from spanqa.errors import SpanqaError
 from spanqa.flops import EncoderShape, batch_train_flops, device_peak
 
@@ -322,20 +322,34 @@ def placeholder_vocab(size: int) -> list[str]:
     return vocab
 
 
-def synthetic_arrays(shapes: WindowShapes, n_windows: int, vocab_size: int, seed: int) -> WindowArrays:
-    """`n_windows` windows drawn from `shapes` (with replacement), random word pieces, BERT's specials."""
+def synthetic_arrays(
+    shapes: WindowShapes,
+    n_windows: int,
+    vocab_size: int,
+    template: PairTemplate,
+    special_ids: list[int],
+    seed: int,
+) -> WindowArrays:
+    """`n_windows` windows drawn from `shapes` (with replacement): random ordinary word pieces, and the
+    tokenizer's special tokens around question and context as `spanqa prepare` would place them."""
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(shapes.lengths), size=n_windows)
     lengths = shapes.lengths[pick]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    input_ids = rng.integers(1000, vocab_size, size=int(starts[-1])).astype(np.int64)
+    ordinary = np.setdiff1d(np.arange(vocab_size), special_ids)
+    input_ids = rng.choice(ordinary, size=int(starts[-1])).astype(np.int64)
     char_offsets = np.full((int(starts[-1]), 2), -1, np.int64)
     context_start, context_end = shapes.context_start[pick], shapes.context_end[pick]
-    for i, (lo, n, cs, ce) in enumerate(zip(starts, lengths, context_start, context_end, strict=False)):
-        del i
-        input_ids[lo] = 101  # [CLS]
-        input_ids[lo + cs - 1] = 102  # [SEP] between question and context
-        input_ids[lo + n - 1] = 102
+    prefix, middle, suffix = (
+        np.asarray(part, np.int64) for part in (template.prefix, template.middle, template.suffix)
+    )
+    for lo, n, cs, ce in zip(starts, lengths, context_start, context_end, strict=False):
+        # Where the copied window leaves less room than this tokenizer's specials take, keep what fits.
+        input_ids[lo : lo + min(len(prefix), cs)] = prefix[:cs]
+        between = min(len(middle), max(0, cs - len(prefix)))
+        input_ids[lo + cs - between : lo + cs] = middle[len(middle) - between :]
+        after = min(len(suffix), n - ce - 1)
+        input_ids[lo + ce + 1 : lo + ce + 1 + after] = suffix[:after]
         char_offsets[lo + cs : lo + ce + 1, 0] = np.arange(ce - cs + 1) * 5
         char_offsets[lo + cs : lo + ce + 1, 1] = np.arange(ce - cs + 1) * 5 + 4
     return WindowArrays(
@@ -359,8 +373,9 @@ def write_synthetic_store(
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    template = pair_template(tokenizer)
     vocab_size = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    arrays = synthetic_arrays(shapes, n_windows, vocab_size, seed)
+    arrays = synthetic_arrays(shapes, n_windows, vocab_size, template, tokenizer.all_special_ids, seed)
     examples = [
         Example(
             id=f"synthetic-{i}", title="synthetic", question="?", context="x", answers=(), is_impossible=True
@@ -374,8 +389,8 @@ def write_synthetic_store(
             "name_or_path": str(model_dir),
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
-            "second_type_id": 1,
-            "n_special": 3,
+            "second_type_id": template.second_type_id,
+            "n_special": template.n_special,
         },
         settings=settings,
         source={"path": f"synthetic ({shapes.source})", "sha256": ""},
@@ -386,14 +401,6 @@ def write_synthetic_store(
 
 
 # ---- measuring ------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepRecord:
-    seconds: float
-    windows: int
-    real_tokens: int
-    flops: int
 
 
 class StepTimer:

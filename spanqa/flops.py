@@ -92,7 +92,7 @@ class DevicePeak:
     device: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu (2 threads)"
     dtype: str  # fp32 | tf32 | bf16 | fp16: the arithmetic the matmuls actually use
     flops_per_s: float
-    source: str  # "table: H100 SXM" or "measured: 1024³ matmul, best of 5"
+    source: str  # "table: H100 SXM" or "measured: 1024x1024x1024 fp32 matmul, best of 10"
 
 
 def table_peak(device_name: str, dtype: str) -> tuple[str, float] | None:
@@ -112,13 +112,14 @@ def matmul_dtype(device: torch.device, dtype: str) -> str:
 
 
 def measured_matmul_peak(
-    device: torch.device, dtype: str, repeats: int = 5, min_seconds: float = 0.05, max_n: int | None = None
+    device: torch.device, dtype: str, repeats: int = 10, min_seconds: float = 0.05, max_n: int | None = None
 ) -> tuple[float, int]:
     """(best FLOP/s, n) of an n×n×n matmul in `dtype`, n doubled until one multiply takes min_seconds.
 
     A stand-in for the peak where no published figure applies (a CPU, an unknown GPU): what this
     device's matmul library reaches on a large square product, which a model's smaller, oddly shaped
-    matmuls rarely beat.
+    matmuls rarely beat. The best of `repeats`, so that on a CPU shared with other processes it is
+    the rate of an uncontended moment (MFU then counts the contention as lost utilisation).
     """
     torch_dtype = TORCH_DTYPES[dtype]
     max_n = max_n or (16384 if device.type == "cuda" else 4096)
@@ -169,4 +170,4 @@ def device_peak(device: torch.device, dtype: str) -> DevicePeak:
         if known is not None:
             return DevicePeak(name, arithmetic, known[1], f"table: {known[0]}")
     flops, n = measured_matmul_peak(device, dtype)
-    return DevicePeak(name, arithmetic, flops, f"measured: {n}x{n}x{n} {dtype} matmul, best of 5")
+    return DevicePeak(name, arithmetic, flops, f"measured: {n}x{n}x{n} {dtype} matmul, best of 10")
