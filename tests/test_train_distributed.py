@@ -188,7 +188,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, cache_dir, tmp_path):
     uninterrupted, out, db = tmp_path / "uninterrupted", tmp_path / "out", tmp_path / "mlflow.db"
     one_process(train_flags(tiny_model, cache_dir, uninterrupted, "--max_steps", "6"), db)
     one_process(train_flags(tiny_model, cache_dir, out, "--max_steps", "3"), db)
-    run_id = (out / "mlflow_run_id").read_text()
+    run_id = (out / "mlflow_run_id").read_text().strip()
     assert sorted(train_losses(out)) == [1, 2, 3]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
     one_process(train_flags(tiny_model, cache_dir, out, "--max_steps", "6", "--resume", "auto"), db)
@@ -197,5 +197,5 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, cache_dir, tmp_path):
     assert {s: resumed[s] for s in (4, 5, 6)} == {s: expected[s] for s in (4, 5, 6)}  # bitwise
     assert resumed[1] != resumed[2]
     runs = {r.info.run_id for r in mlflow_runs(db)}
-    assert run_id == (out / "mlflow_run_id").read_text() and run_id in runs and len(runs) == 2
+    assert run_id == (out / "mlflow_run_id").read_text().strip() and run_id in runs and len(runs) == 2
     assert mlflow_losses(db, run_id) == pytest.approx(resumed)

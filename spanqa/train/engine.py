@@ -206,7 +206,6 @@ class Trainer:
             log.info(note)
         log.info(f"world size {env.world_size} on {env.device.type}; deepspeed config {ds_path}")
 
-        seed_everything(config.seed)  # the same on every rank: the head starts identical everywhere
         self.tokenizer = load_tokenizer(config.model)
         self.train_store, self.dev_store = prepare_stores(config, self.tokenizer, env)
         if self.dev_store is None:
@@ -245,7 +244,9 @@ class Trainer:
         if self.dev_store is None:
             self.eval_at = set()
 
-        seed_everything(config.seed)  # again: the head's initialisation must not depend on what ran before
+        # The same seed on every rank, right before the head is built: its initialisation depends on
+        # nothing that ran before (DeepSpeed also broadcasts rank 0's parameters)
+        seed_everything(config.seed)
         model = build_model(config.model, config.head)
         if config.compile:
             model.compile()  # in place: parameter names (checkpoints, export) stay the same
@@ -262,6 +263,9 @@ class Trainer:
             dist_init_required=False,
         )
         self.model = self.engine.module
+        # From here on each rank draws its own dropout masks (identical masks on every rank would
+        # correlate the replicas' noise); a resumed run restores these streams per rank.
+        seed_everything(config.seed + env.rank)
         self._own_grad_norm = not (
             self.engine.fp16_enabled() or self.engine.bfloat16_enabled() or self.engine.zero_optimization()
         )

@@ -1,0 +1,104 @@
+"""Trainer pieces that need no training run: schedule, eval points, checkpoints, signals, env."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from spanqa.errors import SpanqaError
+from spanqa.train import checkpoint as ckpt
+from spanqa.train.distributed import PreemptionFlag, env_from_environ, slurm_job_to_requeue
+from spanqa.train.engine import eval_points, is_decayed, warmup_linear_decay
+from spanqa.train.entry import default_omp_threads
+
+
+def test_warmup_then_linear_decay_to_zero():
+    factor = warmup_linear_decay(warmup_steps=4, total_steps=12)
+    assert [factor(s) for s in (0, 2, 4, 8, 12, 13)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    assert warmup_linear_decay(0, 10)(0) == 1.0
+
+
+def test_eval_points_spread_over_each_epoch_and_include_the_last_step():
+    assert eval_points(10, 30, 1, 0) == {10, 20, 30}
+    assert eval_points(10, 20, 2, 0) == {5, 10, 15, 20}
+    assert eval_points(10, 25, 1, 0) == {10, 20, 25}  # 2.5 epochs: the end counts too
+    assert eval_points(10, 30, 1, 7) == {7, 10, 14, 20, 21, 28, 30}
+    assert eval_points(10, 30, 0, 0) == {30}
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+    model = torch.nn.ModuleDict({"dense": torch.nn.Linear(2, 2), "LayerNorm": torch.nn.LayerNorm(2)})
+    decayed = {name for name, p in model.named_parameters() if is_decayed(name, p)}
+    assert decayed == {"dense.weight"}
+
+
+def test_latest_complete_checkpoint_skips_interrupted_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):
+        path = root / ckpt.tag_for(step)
+        path.mkdir(parents=True)
+        if complete:
+            ckpt.mark_complete(path, {"step": step})
+    assert ckpt.latest_complete(root) == root / "step-00000020"
+    assert ckpt.resolve_resume("auto", tmp_path) == root / "step-00000020"
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(SpanqaError, match="--resume: .*step-00000030: not a complete checkpoint"):
+        ckpt.resolve_resume(str(root / "step-00000030"), tmp_path)
+    assert ckpt.resolve_resume("auto", tmp_path / "elsewhere") is None
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / ckpt.tag_for(step)).mkdir()
+        ckpt.mark_complete(tmp_path / ckpt.tag_for(step), {})
+    (tmp_path / ckpt.tag_for(4)).mkdir()  # being written right now: never touched
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003", "step-00000004"]
+
+
+def test_rng_states_round_trip(tmp_path):
+    ckpt.save_rng(tmp_path, rank=1)
+    expected = torch.rand(3)
+    ckpt.set_rng_state(ckpt.load_rng(tmp_path, rank=1))
+    assert torch.equal(torch.rand(3), expected)
+    assert ckpt.load_rng(tmp_path, rank=5) is None
+
+
+def test_preemption_flag_catches_usr1_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGUSR1)
+    flag = PreemptionFlag()
+    assert not flag.is_set
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert flag.is_set and flag.received == signal.SIGUSR1
+    flag.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_slurm_job_to_requeue_addresses_array_tasks():
+    assert slurm_job_to_requeue({}) is None
+    assert slurm_job_to_requeue({"SLURM_JOB_ID": "17"}) == "17"
+    array = {"SLURM_JOB_ID": "18", "SLURM_ARRAY_JOB_ID": "16", "SLURM_ARRAY_TASK_ID": "1"}
+    assert slurm_job_to_requeue(array) == "16_1"
+
+
+def test_omp_threads_default_only_for_many_processes_and_only_when_unset():
+    env = {"WORLD_SIZE": "2"}
+    assert default_omp_threads(env) and env["OMP_NUM_THREADS"] == "1"
+    env = {"WORLD_SIZE": "2", "OMP_NUM_THREADS": "4"}
+    assert not default_omp_threads(env) and env["OMP_NUM_THREADS"] == "4"
+    env = {}
+    assert not default_omp_threads(env) and "OMP_NUM_THREADS" not in env
+
+
+def test_env_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SpanqaError, match="RANK: 3"):
+        env_from_environ()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(SpanqaError, match="MASTER_ADDR"):
+        env_from_environ()
