@@ -29,3 +29,9 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The whole job on the bundled sample: MiniLM, span head, deepspeed launcher, local MLflow store.
+# DEMO_FLAGS are passed to launcher/train.py (e.g. DEMO_FLAGS="--max_steps 20" for a smoke run).
+DEMO_FLAGS ?=
+demo: install
+	$(BIN)/spanqa demo -- $(DEMO_FLAGS)

@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("spanqa.train.entry", "train in this process (use `deepspeed launcher/train.py` for many)"),
     "predict": ("spanqa.predict", "answer questions with an exported model"),
     "compare": ("spanqa.train.compare", "print MLflow runs that share a tag side by side"),
+    "demo": ("spanqa.demo", "train and evaluate MiniLM on the bundled sample (CPU or GPU), in minutes"),
 }
 
 
