@@ -115,20 +115,19 @@ def mlflow_losses(mlflow_db: Path, run_id: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_span_run(tiny_model, cache_dir, tmp_path_factory):
+def two_rank_span_run(tiny_model_no_dropout, cache_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("two-rank-span")
     out = work / "out"
-    two_processes_deepspeed(
-        train_flags(tiny_model, cache_dir, out, "--head", "span", "--log_param_checksum"), work / "mlflow.db"
-    )
+    flags = train_flags(tiny_model_no_dropout, cache_dir, out, "--head", "span", "--log_param_checksum")
+    two_processes_deepspeed(flags, work / "mlflow.db")
     return out, work / "mlflow.db"
 
 
 @pytest.fixture(scope="module")
-def one_rank_span_run(tiny_model, cache_dir, tmp_path_factory):
+def one_rank_span_run(tiny_model_no_dropout, cache_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("one-rank-span")
     out = work / "out"
-    one_process(train_flags(tiny_model, cache_dir, out, "--head", "span"), work / "mlflow.db")
+    one_process(train_flags(tiny_model_no_dropout, cache_dir, out, "--head", "span"), work / "mlflow.db")
     return out, work / "mlflow.db"
 
 

@@ -273,6 +273,7 @@ class Trainer:
 
         self.step, self.epoch = 0, 0
         self.best_metric, self.best_step = -math.inf, None
+        self._seconds_before = 0.0
         self.history: list[dict] = []
         resume_from = ckpt.resolve_resume(config.resume, self.output_dir)
         if resume_from is not None:
@@ -314,7 +315,7 @@ class Trainer:
                 for batch in self.loader:
                     if self.sampler.batches_done > self.steps_per_epoch * self.accum:
                         break  # the micro-batches that cannot fill an accumulation group are dropped
-                    self.train_step(batch)
+                    self.train_step(batch, global_windows=self._global_batch_windows())
                     if self.sampler.batches_done % self.accum:
                         continue
                     self.step += 1
@@ -335,14 +336,21 @@ class Trainer:
             preemption.restore()
             self._log_time()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def train_step(self, batch: dict[str, torch.Tensor], global_windows: int | None = None) -> torch.Tensor:
         """Forward, backward and (at an accumulation boundary) the optimizer step for one micro-batch.
-        Returns the loss on the device; nothing here waits for the device."""
-        self._samples += len(batch["input_ids"])
+        Returns the loss on the device; nothing here waits for the device.
+
+        `global_windows`: the windows of this step over all ranks. DeepSpeed averages the ranks'
+        gradients with equal weights; when the split is uneven (the last batch of an epoch) each
+        rank's loss is scaled by its share, so that the update is the one of the whole batch.
+        """
+        windows = len(batch["input_ids"])
+        self._samples += windows
         self._tokens += int(batch["attention_mask"].sum())  # host tensor: no device sync
         inputs = self._to_device(batch)
         loss = self.engine(**inputs)["loss"]
-        self.engine.backward(loss)
+        share = 1.0 if global_windows is None else windows * self.env.world_size / global_windows
+        self.engine.backward(loss if share == 1.0 else loss * share)
         if self._own_grad_norm and self._logging_boundary():
             # DeepSpeed's plain fp32 path clips without keeping the norm; measure it (on the device)
             self._grad_norm = torch.nn.utils.get_total_norm(
@@ -352,9 +360,13 @@ class Trainer:
         loss = loss.detach().float()
         # weighted by windows, so that the logged loss is the mean over the global batch whatever
         # the split across ranks (the last batch of an epoch splits unevenly)
-        self._loss_sum += loss * len(batch["input_ids"])
+        self._loss_sum += loss * windows
         self._micro += 1
         return loss
+
+    def _global_batch_windows(self) -> int:
+        """Windows in the global batch this rank's current micro-batch belongs to (all ranks)."""
+        return len(self.sampler.global_batches()[self.sampler.batches_done - 1])
 
     def _logging_boundary(self) -> bool:
         """Whether this micro-batch ends an optimizer step whose metrics get logged."""
@@ -556,6 +568,7 @@ class Trainer:
             "best_step": self.best_step,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "world_size": self.env.world_size,
+            "train_seconds": self._train_seconds(),
         }
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         ckpt.save_rng(root / tag, self.env.rank)
@@ -576,6 +589,7 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.best_metric = state["best_metric"]
         self.best_step = state["best_step"]
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         sampler_state = dict(state["sampler"])
         if sampler_state["batches_done"] >= self.steps_per_epoch * self.accum:
             sampler_state = {"epoch": sampler_state["epoch"] + 1, "batches_done": 0}
@@ -621,7 +635,12 @@ class Trainer:
 
     def _log_time(self) -> None:
         if self.env.is_main and hasattr(self, "_started"):
-            self.tracker.log_metrics({"train_seconds": time.perf_counter() - self._started}, step=self.step)
+            self.tracker.log_metrics({"train_seconds": self._train_seconds()}, step=self.step)
+
+    def _train_seconds(self) -> float:
+        """Training wall time, summed over the runs a resumed job consisted of."""
+        started = getattr(self, "_started", None)
+        return self._seconds_before + (time.perf_counter() - started if started is not None else 0.0)
 
     def close(self, status: str = "FINISHED") -> None:
         """Artifacts (eval files, curves), then the MLflow run; safe to call on every rank."""
