@@ -586,14 +586,14 @@ class StepMeter:
         self.batches: list[tuple[int, int, int, int]] = []  # windows, real tokens, padded tokens, flops
 
     def wrap(self, train_step):
-        def timed_step(batch):
+        def timed_step(batch, *args, **kwargs):
             if len(self.batches) == self.warmup:
                 reset_peak_memory(self.device)
             self.timer.mark()
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             padded = batch["attention_mask"].numel()
             self.batches.append((len(lengths), sum(lengths), padded, batch_train_flops(self.shape, lengths)))
-            return train_step(batch)
+            return train_step(batch, *args, **kwargs)
 
         return timed_step
 
@@ -627,16 +627,24 @@ def train_and_measure(args: argparse.Namespace, inputs: Inputs) -> dict | None:
     config = parse_train_args(train_args(args, inputs))
     env = init_distributed()
     try:
-        peak = device_peak(env.device, args.dtype)  # every rank at once: on a CPU they share the cores
+        # Every rank at once (on a CPU they share the cores), before and after training: where the peak
+        # is measured, the higher of the two is the less disturbed by other processes.
+        peak = device_peak(env.device, args.dtype)
         trainer = Trainer(config, env)
-        shape = EncoderShape.from_config(trainer.model.encoder.config, args.head)
-        meter = StepMeter(env.device, shape, args.warmup)
-        trainer.train_step = meter.wrap(trainer.train_step)
-        trainer.train()
-        mine = {**meter.result(args.steps), "peak_flops": peak.flops_per_s}
-        gathered = gather_to_main(mine, env)
-        parameters = sum(p.numel() for p in trainer.model.parameters())
-        trainer.close()
+        status = "FAILED"
+        try:
+            shape = EncoderShape.from_config(trainer.model.encoder.config, args.head)
+            meter = StepMeter(env.device, shape, args.warmup)
+            trainer.train_step = meter.wrap(trainer.train_step)
+            trainer.train()
+            mine = meter.result(args.steps)  # first: the second peak measurement allocates memory too
+            peak = max(peak, device_peak(env.device, args.dtype), key=lambda p: p.flops_per_s)
+            mine["peak_flops"] = peak.flops_per_s
+            gathered = gather_to_main(mine, env)
+            parameters = sum(p.numel() for p in trainer.model.parameters())
+            status = "FINISHED"
+        finally:
+            trainer.close(status)  # before the work directory (and the MLflow store in it) goes
     finally:
         destroy_distributed()
     if gathered is None:
@@ -657,7 +665,8 @@ def train_and_measure(args: argparse.Namespace, inputs: Inputs) -> dict | None:
         "warmup": args.warmup,
         **summarize(gathered, sum(r["peak_flops"] for r in gathered) / len(gathered)),
         "peak_memory_kind": gathered[0]["peak_memory_kind"],
-        "peak_source": peak.source,
+        "peak_source": peak.source
+        + (", higher of before/after training" if "measured" in peak.source else ""),
         "torch": torch.__version__,
     }
 
