@@ -67,16 +67,22 @@ init_mlflow_store() {
 # in the background and the shell waits for it, signals srun (which signals every task on every node),
 # and waits again. Returns srun's exit status.
 run_step_forwarding_signals() {
-    local pid rc
+    local rc
+    STEP_PID=""
     srun --kill-on-bad-exit=1 "$@" &
-    pid=$!
-    trap 'echo "spanqa: batch shell got SIGUSR1, forwarding to the tasks"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
-    trap 'echo "spanqa: batch shell got SIGTERM, forwarding to the tasks"; kill -TERM '"$pid"' 2>/dev/null || true' TERM
-    while kill -0 "$pid" 2>/dev/null; do
-        wait "$pid" || true
+    STEP_PID=$!
+    trap 'forward_signal USR1' USR1
+    trap 'forward_signal TERM' TERM
+    while kill -0 "$STEP_PID" 2>/dev/null; do
+        wait "$STEP_PID" || true
     done
     rc=0
-    wait "$pid" || rc=$?
+    wait "$STEP_PID" || rc=$?
     trap - USR1 TERM
     return "$rc"
+}
+
+forward_signal() {
+    echo "spanqa: batch shell got SIG$1, forwarding it to the tasks"
+    kill -s "$1" "$STEP_PID" 2>/dev/null || true
 }

@@ -243,9 +243,13 @@ class SlurmCluster:
         self.cancel_stuck(job_id, records, timeout, wanted=states)
         raise AssertionError("unreachable")
 
+    def cancel(self, job_id: str) -> None:
+        """Cancel for good: a job that is not requeueable cannot come back however its tasks react."""
+        cancel_jobs(self.env, [str(job_id)])
+
     def cancel_stuck(self, job_id: str, records: list[dict], timeout: float, wanted=None) -> None:
         """Cancel a job that overran its wait, and raise with what it was doing."""
-        self.run("scancel", str(job_id), check=False)
+        self.cancel(job_id)
         summary = [(rec.get("JobId"), rec.get("JobState"), rec.get("Reason")) for rec in records]
         what = f"reached none of {sorted(wanted)}" if wanted else "did not finish"
         raise ClusterError(f"job {job_id} {what} within {timeout:.0f} s and was cancelled: {summary}")
@@ -418,6 +422,15 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
             time.sleep(0.1)
 
 
+def cancel_jobs(env: dict[str, str], jobs: list[str]) -> None:
+    """`scancel`, after marking the jobs not requeueable (a task that answers SIGTERM with `scontrol
+    requeue` would otherwise bring a cancelled job back)."""
+    for job in jobs:
+        argv = ["scontrol", "update", f"JobId={job}", "Requeue=0"]
+        subprocess.run(argv, env=env, capture_output=True, timeout=30)
+    subprocess.run(["scancel", *jobs], env=env, capture_output=True, timeout=30)
+
+
 def cancel_all_jobs(layout: ClusterLayout, timeout: float = 30) -> None:
     """Cancel every job of the cluster and wait for the queue to empty (slurmstepd outlives slurmd)."""
     env = {**os.environ, "SLURM_CONF": str(layout.conf)}
@@ -430,7 +443,7 @@ def cancel_all_jobs(layout: ClusterLayout, timeout: float = 30) -> None:
     jobs = queue()
     if not jobs:
         return
-    subprocess.run(["scancel", *jobs], env=env, capture_output=True, timeout=30)
+    cancel_jobs(env, jobs)
     deadline = time.monotonic() + timeout
     while queue() and time.monotonic() < deadline:
         time.sleep(0.5)
