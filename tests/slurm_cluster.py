@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "spanqa-slurm"
+SBIN_DIRS = "/usr/sbin:/sbin:/usr/local/sbin"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 # A job in one of these states will not run again by itself (a requeued job passes through
 # REQUEUED/PENDING, which are not here).
@@ -55,7 +56,7 @@ def unavailable_reason() -> str | None:
         return f"SLURM tests need Linux (this is {sys.platform})"
     if os.geteuid() != 0:
         return "SLURM tests need root (slurmd starts jobs as their user); run them as root"
-    missing = [name for name in BINARIES if shutil.which(name) is None]
+    missing = [name for name in BINARIES if find_binary(name) is None]
     if missing:
         return f"SLURM packages missing ({', '.join(missing)}): run tests/setup_slurm.sh as root"
     try:
@@ -63,6 +64,11 @@ def unavailable_reason() -> str | None:
     except KeyError:
         return "the munge user does not exist (install the munge package)"
     return None
+
+
+def find_binary(name: str) -> str | None:
+    """The program's path; daemons live in sbin, which a non-login shell's PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path=SBIN_DIRS)
 
 
 def free_ports(count: int) -> list[int]:
@@ -373,11 +379,12 @@ def start_cluster(root: Path = DEFAULT_DIR, n_nodes: int = 2, timeout: float = 9
     cluster = SlurmCluster(layout, nodes, env)
     try:
         start_munged(layout, env)
-        spawn(layout, "slurmctld", ["slurmctld", "-D", "-i", "-f", str(layout.conf)], env)
+        spawn(layout, "slurmctld", [find_binary("slurmctld"), "-D", "-i", "-f", str(layout.conf)], env)
         wait_for(lambda: cluster.run("scontrol", "ping", check=False).returncode == 0, 30,
                  "slurmctld did not answer `scontrol ping`", layout)  # fmt: skip
+        slurmd = find_binary("slurmd")
         for name in nodes:
-            spawn(layout, f"slurmd.{name}", ["slurmd", "-D", "-N", name, "-f", str(layout.conf)], env)
+            spawn(layout, f"slurmd.{name}", [slurmd, "-D", "-N", name, "-f", str(layout.conf)], env)
         cluster.wait_idle(timeout)
     except BaseException:
         stop_cluster(layout.root)
@@ -388,7 +395,7 @@ def start_cluster(root: Path = DEFAULT_DIR, n_nodes: int = 2, timeout: float = 9
 def start_munged(layout: ClusterLayout, env: dict[str, str]) -> None:
     key = write_munge_key(layout)
     d = layout.munge_dir
-    argv = ["munged", "-F", "--force", f"--key-file={key}", f"--socket={layout.munge_socket}",
+    argv = [find_binary("munged"), "-F", "--force", f"--key-file={key}", f"--socket={layout.munge_socket}",
             f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}",
             f"--seed-file={d / 'munged.seed'}"]  # fmt: skip
     spawn(layout, "munged", argv, env, user=pwd.getpwnam("munge"))
