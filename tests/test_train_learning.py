@@ -55,15 +55,17 @@ def memorisable_model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.skipif(not SHARED_TRAIN.is_file(), reason=f"{SHARED_TRAIN} is not here")
-@pytest.mark.parametrize("head", ["span", "crf"])
-def test_head_overfits_64_questions(head, memorisable_model, tmp_path):
+# Measured here (EM on the 64 questions at the end): span 96.9 at lr 5e-3 over 30 epochs; the CRF
+# diverges at 5e-3 and reaches 92.2 at 2e-3 over 30 epochs, so it gets 40 for a margin.
+@pytest.mark.parametrize(("head", "learning_rate", "epochs"), [("span", "5e-3", "30"), ("crf", "2e-3", "40")])
+def test_head_overfits_64_questions(head, learning_rate, epochs, memorisable_model, tmp_path):
     questions = first_questions(SHARED_TRAIN, 64, tmp_path / "questions.json")
     out = tmp_path / "out"
     flags = [
         "--model", str(memorisable_model), "--head", head, "--train_file", str(questions),
         "--dev_file", str(questions), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
         "--max_seq_length", "256", "--doc_stride", "128", "--max_query_length", "32",
-        "--train_batch_size", "8", "--num_train_epochs", "30", "--learning_rate", "5e-3",
+        "--train_batch_size", "8", "--num_train_epochs", epochs, "--learning_rate", learning_rate,
         "--warmup_proportion", "0.05", "--weight_decay", "0", "--eval_per_epoch", "0",
         "--logging_steps", "50",
     ]  # fmt: skip

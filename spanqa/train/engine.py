@@ -187,10 +187,6 @@ def eval_points(steps_per_epoch: int, total_steps: int, eval_per_epoch: int, eva
 
 class Trainer:
     def __init__(self, config: TrainConfig, env: DistEnv):
-        import deepspeed
-
-        from spanqa.data.loader import make_loader
-        from spanqa.model.build import build_model
         from spanqa.train.tracking import make_tracker
 
         self.config, self.env = config, env
@@ -206,11 +202,42 @@ class Trainer:
             log.info(note)
         log.info(f"world size {env.world_size} on {env.device.type}; deepspeed config {ds_path}")
 
+        self._build_data()
+        warmup = self._plan_steps()
+        self._build_engine(warmup)
+
+        self.step, self.epoch = 0, 0
+        self.best_metric, self.best_step = -math.inf, None
+        self._seconds_before = 0.0
+        self.history: list[dict] = []
+        resume_from = ckpt.resolve_resume(config.resume, self.output_dir)
+        if resume_from is not None:
+            self._load(resume_from)
+        self.tracker = make_tracker(
+            env.rank,
+            self.output_dir,
+            run_name=config.run_name,
+            tags={"spanqa.tag": config.tag} if config.tag else None,
+        )
+        if resume_from is None:
+            self._log_start()
+        self._reset_window()
+        log.info(
+            f"{len(self.train_store)} training windows, {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps ({config.num_train_epochs:g} epochs), warmup {warmup}, micro-batch "
+            f"{self.ds_config['train_micro_batch_size_per_gpu']} x accumulation {self.accum} x world "
+            f"{env.world_size} = {config.train_batch_size}"
+            + (f", stopping after step {self.stop_step}" if self.stop_step < self.total_steps else "")
+        )
+
+    def _build_data(self) -> None:
+        from spanqa.data.loader import make_loader
+
+        config, env = self.config, self.env
         self.tokenizer = load_tokenizer(config.model)
         self.train_store, self.dev_store = prepare_stores(config, self.tokenizer, env)
         if self.dev_store is None:
             log.warning("no --dev_file: no evaluation, no best model")
-
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.loader, self.sampler = make_loader(
             self.train_store,
@@ -224,6 +251,10 @@ class Trainer:
         # A private generator for the DataLoader's worker seeds: iterating must not draw from the
         # global torch RNG, or a resumed run would see a different dropout stream than an uninterrupted one.
         self.loader.generator = torch.Generator().manual_seed(config.seed)
+
+    def _plan_steps(self) -> int:
+        """Steps per epoch, total and stop step, eval points; returns the warmup steps."""
+        config = self.config
         self.accum = config.gradient_accumulation_steps
         self.steps_per_epoch = len(self.sampler) // self.accum
         if self.steps_per_epoch < 1:
@@ -243,7 +274,14 @@ class Trainer:
         )
         if self.dev_store is None:
             self.eval_at = set()
+        return warmup
 
+    def _build_engine(self, warmup: int) -> None:
+        import deepspeed
+
+        from spanqa.model.build import build_model
+
+        config, env = self.config, self.env
         # The same seed on every rank, right before the head is built: its initialisation depends on
         # nothing that ran before (DeepSpeed also broadcasts rank 0's parameters)
         seed_everything(config.seed)
@@ -270,30 +308,6 @@ class Trainer:
             self.engine.fp16_enabled() or self.engine.bfloat16_enabled() or self.engine.zero_optimization()
         )
         self._grad_norm = None
-
-        self.step, self.epoch = 0, 0
-        self.best_metric, self.best_step = -math.inf, None
-        self._seconds_before = 0.0
-        self.history: list[dict] = []
-        resume_from = ckpt.resolve_resume(config.resume, self.output_dir)
-        if resume_from is not None:
-            self._load(resume_from)
-        self.tracker = make_tracker(
-            env.rank,
-            self.output_dir,
-            run_name=config.run_name,
-            tags={"spanqa.tag": config.tag} if config.tag else None,
-        )
-        if resume_from is None:
-            self._log_start()
-        self._reset_window()
-        log.info(
-            f"{len(self.train_store)} training windows, {self.steps_per_epoch} steps/epoch, "
-            f"{self.total_steps} steps "
-            f"({config.num_train_epochs:g} epochs), warmup {warmup}, micro-batch {micro} x accumulation "
-            f"{self.accum} x world {env.world_size} = {config.train_batch_size}"
-            + (f", stopping after step {self.stop_step}" if self.stop_step < self.total_steps else "")
-        )
 
     # ---- training ---------------------------------------------------------------------------
 
