@@ -27,6 +27,8 @@ On CUDA tensors a fused Triton kernel (``spanqa.model.crf_triton``) is used when
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -39,10 +41,12 @@ NEG = -1e30
 # emissions are clipped to this magnitude so that real scores never approach NEG
 _EMISSION_LIMIT = 1e20
 
-# exp() arguments are clamped here: torch's vectorised exp is ~20x slower on arguments below about
-# -88 (its out-of-range and denormal paths), and log 0 is everywhere in the scan. exp(-80) ~ 2e-35
-# is below the rounding of float32 and float64 next to the max term (which contributes exactly 1).
+# exp() arguments of the log-space scan are clamped here: torch's vectorised exp is ~20x slower on
+# arguments below about -88 (its out-of-range and denormal paths), and log 0 is everywhere in that
+# scan. exp(-80) ~ 2e-35 is below the rounding of float32 and float64 next to the max term (1).
 _EXP_FLOOR = -80.0
+# and above here where rounding could push them up (a float32 exp overflows above ~88)
+_EXP_CEILING = 80.0
 
 TAG_O, TAG_B, TAG_I = 0, 1, 2
 REDUCTIONS = ("none", "sum", "mean", "token_mean")
@@ -51,10 +55,41 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean")
 # ----------------------------------------------------------------------------- semiring kernels
 # Layout: tag indices first, positions last ("structure of arrays"): matrices are [K, K, L, B] and
 # vectors [K, L, B], so that every elementwise op runs over long contiguous inner loops of positions
-# (an inner dimension of size K = 3 would defeat vectorisation). The index summed over is moved to
-# dim 0 of one broadcast sum, so each semiring product is a handful of ops whatever K is, and the
-# reduction over dim 0 is a vectorised elementwise pass over K slices.
+# (an inner dimension of size K = 3 would defeat vectorisation; and torch's bmm on 3x3 matrices is
+# ~10x slower than these broadcast ops).
 _UNROLL_MAX_K = 8
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Ordinary product of [K, K, ...] matrices: K broadcast multiply-adds, no [K, K, K, ...] temporary."""
+    out = a[:, :1] * b[:1]
+    for j in range(1, a.shape[0]):
+        out.addcmul_(a[:, j : j + 1], b[j : j + 1])
+    return out
+
+
+def _vecmat(v: Tensor, a: Tensor) -> Tensor:
+    """[K, ...] x [K, K, ...] -> [K, ...]: sum_i v[i] a[i, j]."""
+    out = v[:1] * a[0]
+    for i in range(1, a.shape[0]):
+        out.addcmul_(v[i : i + 1], a[i])
+    return out
+
+
+def _matvec(a: Tensor, w: Tensor) -> Tensor:
+    """[K, K, ...] x [K, ...] -> [K, ...]: sum_j a[i, j] w[j]."""
+    out = a[:, 0] * w[:1]
+    for j in range(1, a.shape[0]):
+        out.addcmul_(a[:, j], w[j : j + 1])
+    return out
+
+
+def _rescale(x: Tensor, log_scale: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Divide x (in place) by its peak over `dims` and move the peak into the log scale."""
+    # an all-zero block only comes from an impossible chain; keep it zero instead of 0/0
+    peak = x.amax(dims).clamp_(min=torch.finfo(x.dtype).tiny)
+    x /= peak
+    return x, log_scale + peak.log()
 
 
 def _lse0(s: Tensor) -> Tensor:
@@ -68,18 +103,17 @@ def _log_matmul(a: Tensor, b: Tensor) -> Tensor:
     return _lse0(a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1))  # [j, i, k, ...]
 
 
-def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
-    return (a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1)).amax(0)
-
-
 def _log_vecmat(v: Tensor, a: Tensor) -> Tensor:
-    """[K, ...] x [K, K, ...] -> [K, ...]: logsumexp_i v[i] + a[i, j]."""
     return _lse0(v.unsqueeze(1) + a)
 
 
 def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
-    """[K, K, ...] x [K, ...] -> [K, ...]: logsumexp_j a[i, j] + w[j]."""
     return _lse0(a.transpose(0, 1) + w.unsqueeze(1))
+
+
+def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """[K, K, ...] x [K, K, ...] in the max-plus semiring: c[i, k] = max_j a[i, j] + b[j, k]."""
+    return (a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1)).amax(0)
 
 
 def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
@@ -119,7 +153,8 @@ def _row_zero(k: int, batch: int, dtype: torch.dtype, device: torch.device) -> T
     return v
 
 
-# ----------------------------------------------------------------------------- tree scan
+# ----------------------------------------------------------------------------- log-space tree
+# (Viterbi in the max-plus semiring; log Z when the scaled scan below cannot guarantee exactness)
 def _up_sweep(m: Tensor, matmul) -> tuple[list[Tensor], Tensor]:
     """Pairwise products level by level over dim 2 of [K, K, L, B]; returns the (even-padded)
     levels and the [K, K, 1, B] total."""
@@ -145,33 +180,97 @@ def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
     return v
 
 
-def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec=None) -> Tensor:
+def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec) -> Tensor:
     """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out, as [K, L_padded, B]."""
     w = top_out
     for child in reversed(levels):
         half = child.shape[2] // 2
         w = w[:, :half]
-        left = (matvec or _log_matvec)(child[:, :, 1::2], w)
+        left = matvec(child[:, :, 1::2], w)
         w = torch.stack([left, w], dim=2).flatten(1, 2)
     return w
 
 
-def _log_z(total: Tensor) -> Tensor:
-    """log Z [B] from the [K, K, 1, B] product: logsumexp over row 0."""
-    return total[0, :, 0].logsumexp(0)
+# ----------------------------------------------------------------------------- scaled sum-product tree
+# log Z and its gradient run on plain numbers instead of logs: each chain matrix (and each partial
+# product, and each alpha/beta vector) is a pair (P, s) standing for exp(s) * P, with P's largest
+# entry 1. A product is then an ordinary matrix product (multiply-adds, no exp/log per entry) and one
+# rescale (a max, a divide and a single log per block), which costs a fraction of a logsumexp.
+# It stays exact to rounding: the rows of any product of chain matrices differ only through the
+# transitions of its first factor (the emissions scale columns), so after rescaling every row, and
+# every beta vector, keeps entries of at least exp(-transition range); entries that do underflow are
+# ones the log-space sum would drop next to its maximum anyway.
+def _scaled_chain(emit: Tensor, table: Tensor, kind: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(table[kind] + emit[None]) as (P [K, K, T, B], log scale [T, B]); one exp per emission."""
+    k = table.shape[1]
+    table_peak = table.amax((1, 2))
+    columns = (table - table_peak.view(-1, 1, 1)).exp().reshape(3, k * k).t().contiguous()
+    p = columns.index_select(1, kind.flatten()).view(k, k, *kind.shape)  # [K*K, 3]: a column per kind
+    emit_peak = emit.amax(0)
+    p *= (emit - emit_peak).exp_().unsqueeze(0)
+    return p, table_peak[kind] + emit_peak
 
 
-def _pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
-    """p(y_prev = i, y_t = j) [K, K, T, B] at every position (what d log Z / d M_t is)."""
-    k, _, length, batch = m.shape
-    zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
-    alpha = _prefix_down_sweep(levels, _row_zero(k, batch, m.dtype, m.device), _log_vecmat)[:, :length]
-    beta = _suffix_down_sweep(levels, zeros)[:, :length]
-    g = alpha.unsqueeze(1) + m
-    g += beta.unsqueeze(0)
-    g -= log_z
-    # a probability: rounding at huge scores must not push it above 1 (or overflow exp)
-    return g.clamp_(min=_EXP_FLOOR, max=0.0).exp_()
+def _scaled_up_sweep(p: Tensor, s: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+    """Pairwise products level by level over dim 2; returns the (even-padded) levels and the
+    [K, K, 1, B] total with its [1, B] log scale."""
+    k, _, _, batch = p.shape
+    eye = torch.eye(k, dtype=p.dtype, device=p.device).view(k, k, 1, 1).expand(k, k, 1, batch)
+    levels = []
+    while p.shape[2] > 1:
+        if p.shape[2] % 2:
+            p, s = torch.cat([p, eye], dim=2), torch.cat([s, s.new_zeros(1, batch)])
+        levels.append((p, s))
+        p, s = _rescale(_matmul(p[:, :, 0::2], p[:, :, 1::2]), s[0::2] + s[1::2], (0, 1))
+    return levels, p, s
+
+
+def _interleave(x: Tensor, y: Tensor, dim: int) -> Tensor:
+    return torch.stack([x, y], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _scaled_alpha(levels: list[tuple[Tensor, Tensor]], p0: Tensor) -> tuple[Tensor, Tensor]:
+    """Vector entering each level-0 element, e_0 M_1 ⋯ M_{t-1}, as ([K, L_padded, B], [L_padded, B])."""
+    v = torch.zeros(p0.shape[0], 1, p0.shape[3], dtype=p0.dtype, device=p0.device)
+    v[0] = 1.0
+    s = v.new_zeros(1, p0.shape[3])
+    for p, ps in reversed(levels):
+        half = p.shape[2] // 2
+        v, s = v[:, :half], s[:half]
+        right, right_s = _rescale(_vecmat(v, p[:, :, 0::2]), s + ps[0::2], (0,))
+        v, s = _interleave(v, right, 1), _interleave(s, right_s, 0)
+    return v, s
+
+
+def _scaled_beta(levels: list[tuple[Tensor, Tensor]], p0: Tensor) -> tuple[Tensor, Tensor]:
+    """Vector leaving each level-0 element, M_{t+1} ⋯ M_T 1, as ([K, L_padded, B], [L_padded, B])."""
+    w = torch.ones(p0.shape[0], 1, p0.shape[3], dtype=p0.dtype, device=p0.device)
+    s = w.new_zeros(1, p0.shape[3])
+    for p, ps in reversed(levels):
+        half = p.shape[2] // 2
+        w, s = w[:, :half], s[:half]
+        left, left_s = _rescale(_matvec(p[:, :, 1::2], w), s + ps[1::2], (0,))
+        w, s = _interleave(left, w, 1), _interleave(left_s, s, 0)
+    return w, s
+
+
+def _scaled_log_z(top: Tensor, top_scale: Tensor) -> Tensor:
+    """log Z [B] from the [K, K, 1, B] total: the sum of its row 0."""
+    return top[0, :, 0].sum(0).log() + top_scale[0]
+
+
+def _pairwise_marginals(p: Tensor, s: Tensor, levels: list, log_z: Tensor) -> Tensor:
+    """p(y_prev = i, y_t = j) = alpha_i M_ij beta_j / Z as [K, K, T, B] (d log Z / d M_t)."""
+    length = p.shape[2]
+    alpha, alpha_s = _scaled_alpha(levels, p)
+    beta, beta_s = _scaled_beta(levels, p)
+    # the true exponent is small (the normalised parts multiply to at least exp(-2 x transition
+    # range)), but rounding of huge log scales must not overflow exp into inf * 0
+    log_factor = (alpha_s[:length] + s + beta_s[:length] - log_z).clamp_(max=_EXP_CEILING)
+    g = alpha[:, :length].unsqueeze(1) * p
+    g *= beta[:, :length].unsqueeze(0)
+    g *= log_factor.exp_()
+    return g.clamp_(max=1.0)  # a probability, also after rounding
 
 
 # position kinds: which [K, K] block a position's chain matrix starts from
@@ -186,11 +285,53 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 
 
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
-    """M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
+    """Log-space M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
     k = table.shape[1]
     columns = table.reshape(3, k * k).t().contiguous()  # [K*K, 3]: one column per kind
     base = columns.index_select(1, kind.flatten()).view(k, k, *kind.shape)
     return base.add_(emit.unsqueeze(0))
+
+
+def _log_pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
+    """The log-space counterpart of `_pairwise_marginals` (m: log chain matrices)."""
+    k, _, length, batch = m.shape
+    zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
+    alpha = _prefix_down_sweep(levels, _row_zero(k, batch, m.dtype, m.device), _log_vecmat)[:, :length]
+    beta = _suffix_down_sweep(levels, zeros, _log_matvec)[:, :length]
+    g = alpha.unsqueeze(1) + m
+    g += beta.unsqueeze(0)
+    g -= log_z
+    # a probability: rounding at huge scores must not push it above 1 (or overflow exp)
+    return g.clamp_(min=_EXP_FLOOR, max=0.0).exp_()
+
+
+def _scaled_scan_is_exact(trans: Tensor) -> bool:
+    """Whether the scaled scan's underflow stays below rounding: rows of a normalised product keep
+    entries of at least exp(-r), r the range of the transitions, and what underflows is below
+    tiny * exp(2 r) of the result; r up to 0.4 log(eps / tiny) (28 in float32, 268 in float64) keeps
+    that under eps. Hard constraints (-inf transitions) or huge ones take the log-space scan."""
+    info = torch.finfo(trans.dtype)
+    return bool(trans.max() - trans.min() <= 0.4 * math.log(info.eps / info.tiny))
+
+
+def _sum_product(emit: Tensor, table: Tensor, kind: Tensor) -> tuple[Tensor, bool, list[Tensor]]:
+    """log Z [B], whether the scaled scan ran, and the tensors the pairwise marginals start from."""
+    if _scaled_scan_is_exact(table[_INNER]):
+        p, s = _scaled_chain(emit, table, kind)
+        levels, top, top_scale = _scaled_up_sweep(p, s)
+        return _scaled_log_z(top, top_scale), True, [p, s, *(x for level in levels for x in level)]
+    m = _chain_from(emit, table, kind)
+    levels, total = _up_sweep(m, _log_matmul)
+    return total[0, :, 0].logsumexp(0), False, [m, *levels]
+
+
+def _marginals_from(saved: list[Tensor], scaled: bool, log_z: Tensor) -> Tensor:
+    """Pairwise marginals [K, K, T, B] from what `_sum_product` returned."""
+    if scaled:
+        p, s, *flat = saved
+        return _pairwise_marginals(p, s, list(zip(flat[0::2], flat[1::2], strict=True)), log_z)
+    m, *levels = saved
+    return _log_pairwise_marginals(m, levels, log_z)
 
 
 class _LogPartition(torch.autograd.Function):
@@ -201,18 +342,16 @@ class _LogPartition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
-        m = _chain_from(emit, table, kind)
-        levels, total = _up_sweep(m, _log_matmul)
-        log_z = _log_z(total)
-        ctx.save_for_backward(m, kind, log_z, *levels)
+        log_z, ctx.scaled, saved = _sum_product(emit, table, kind)
+        ctx.save_for_backward(kind, log_z, *saved)
         return log_z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_z: Tensor):
-        m, kind, log_z, *levels = ctx.saved_tensors
-        k = m.shape[0]
-        g = _pairwise_marginals(m, levels, log_z)
+        kind, log_z, *saved = ctx.saved_tensors
+        g = _marginals_from(saved, ctx.scaled, log_z)
+        k = g.shape[0]
         g *= grad_log_z.to(g.dtype)
         # masked positions carry the state through an identity: they are not part of the model
         grad_emit = _sum_rows(g).masked_fill_(kind == _MASKED, 0.0)
@@ -334,15 +473,20 @@ class CRF(nn.Module):
         batch, length, k = emissions.shape
         start, end, trans = self._params(emissions.dtype)
         tags = torch.where(active, tags.long(), 0)
+        # the tag at the previous active position (gaps in a mask are skipped); none before the first
         positions = torch.arange(length, device=tags.device).expand(batch, length)
         latest = torch.where(active, positions, -1).cummax(dim=1).values
         previous = torch.cat([latest.new_full((batch, 1), -1), latest[:, :-1]], dim=1)
-        has_previous = previous >= 0
         tags_before = tags.gather(1, previous.clamp(min=0))
+        # count the transitions, start and end tags the path takes: the score is counts · weights,
+        # whose gradient is a matrix product (indexing the weights would backpropagate through a
+        # slow accumulating index_put)
+        slot = torch.where(previous >= 0, tags_before * k + tags, k * k + tags)
+        counts = emissions.new_zeros(batch, k * k + 2 * k).scatter_add_(1, slot, active.to(emissions.dtype))
+        counts.scatter_add_(1, k * k + k + tags, last.to(emissions.dtype))
+        weights = torch.cat([trans.flatten(), start, end])
         emit = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1)
-        into = torch.where(has_previous, trans.flatten()[tags_before * k + tags], start[tags])
-        out = torch.where(last, end[tags], 0.0)
-        return torch.where(active, emit + into + out, 0.0).sum(1)
+        return torch.where(active, emit, 0.0).sum(1) + counts @ weights
 
     def forward(
         self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None, reduction: str = "sum"
@@ -376,9 +520,8 @@ class CRF(nn.Module):
             from spanqa.model import crf_triton
 
             return crf_triton.marginals(emissions, active, *self._params(emissions.dtype))
-        m = self._chain_matrices(emissions, active, first, last)
-        levels, total = _up_sweep(m, _log_matmul)
-        marginals = _sum_rows(_pairwise_marginals(m, levels, _log_z(total))).permute(2, 1, 0)
+        log_z, scaled, saved = _sum_product(*self._chain_inputs(emissions, active, first, last))
+        marginals = _sum_rows(_marginals_from(saved, scaled, log_z)).permute(2, 1, 0)
         return marginals.masked_fill(~active.unsqueeze(-1), 0.0)
 
     @torch.no_grad()
@@ -406,12 +549,15 @@ class CRF(nn.Module):
         zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
         leaving = _suffix_down_sweep(levels, zeros, _max_matvec)[:, :length]  # best after t
         through = torch.cat([entering[:, 1:], final.unsqueeze(1)], dim=1)[:, :length]
-        tags = _argmax0(through.add_(leaving)).t()
-        tags = torch.where(active, tags, 0)
-        path_score = self._gold_score(emissions, tags, active, last)
+        # [T, B]; masked positions get the tag the identity carries through them (when no tie)
+        tags = _argmax0(through.add_(leaving))
+        # its score through the chain matrices: a masked position that breaks the carry reads log 0
+        previous = torch.cat([tags.new_zeros(1, batch), tags[:-1]])
+        steps = m.view(k * k, length, batch).gather(0, (previous * k + tags).unsqueeze(0))
+        path_score = steps.sum((0, 1))
         tolerance = (1.0 + score.abs()) * (1e-5 if emissions.dtype != torch.float64 else 1e-12)
         if bool((path_score >= score - tolerance).all()):
-            return score, tags
+            return score, torch.where(active, tags.t(), 0)
         return score, self._backtrack(emissions, active, first, levels, entering[:, :length], final)
 
     def _backtrack(self, emissions, active, first, levels, entering, final) -> Tensor:
