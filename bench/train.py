@@ -10,7 +10,9 @@ optimizer step through the DeepSpeed engine). Real tokens are counted from the a
 
     python bench/train.py                 # a table
     python bench/train.py --json          # ... and a last line of JSON
-Goals: bucketed_vs_pad384_tokens_per_s >= 1.8, crf_step_overhead (CRF step / span step - 1) <= 0.10.
+Goals: bucketed_vs_pad384_tokens_per_s >= 1.8 (from the total time of the timed steps) and
+crf_step_overhead <= 0.10 (median over the timed batches of CRF step time / span step time, minus 1:
+paired on the same windows, so that a step slowed by another process on the machine does not decide it).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--batch_size", type=int, default=8, help="windows per step (the reference recipe's 8)"
     )
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
@@ -101,6 +103,7 @@ def measure(name: str, trainer, batches: list[dict], warmup: int) -> dict:
         "padded_tokens": padded,
         "real_tokens_per_s": real / sum(seconds),
         "samples_per_s": sum(len(b["input_ids"]) for b in timed) / sum(seconds),
+        "step_seconds": seconds,
     }
 
 
@@ -135,7 +138,12 @@ def run(args: argparse.Namespace, work: Path, env) -> dict:
         "batch_size": args.batch_size,
         "results": results,
         "bucketed_vs_pad384_tokens_per_s": bucketed["real_tokens_per_s"] / padded["real_tokens_per_s"],
-        "crf_step_overhead": crf_result["total_s"] / bucketed["total_s"] - 1,
+        # paired by batch (the same windows in both), median: robust to a step slowed by a neighbour
+        "crf_step_overhead": statistics.median(
+            c / s for c, s in zip(crf_result["step_seconds"], bucketed["step_seconds"], strict=True)
+        )
+        - 1,
+        "crf_total_time_overhead": crf_result["total_s"] / bucketed["total_s"] - 1,
         "padding_share_bucketed": 1 - bucketed["real_tokens"] / bucketed["padded_tokens"],
         "padding_share_pad384": 1 - padded["real_tokens"] / padded["padded_tokens"],
     }
@@ -158,7 +166,10 @@ def report(result: dict, as_json: bool) -> None:
     print(
         f"bucketed vs pad-384 real tokens/s: {result['bucketed_vs_pad384_tokens_per_s']:.2f}x (goal >= 1.8)"
     )
-    print(f"CRF step overhead over span: {result['crf_step_overhead']:+.1%} (goal <= +10%)")
+    print(
+        f"CRF step overhead over span: {result['crf_step_overhead']:+.1%} median of paired steps "
+        f"(goal <= +10%); {result['crf_total_time_overhead']:+.1%} in total time"
+    )
     if as_json:
         print(json.dumps(result))
 

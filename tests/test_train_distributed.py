@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,36 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, cache_dir, tmp_path):
     runs = {r.info.run_id for r in mlflow_runs(db)}
     assert run_id == (out / "mlflow_run_id").read_text().strip() and run_id in runs and len(runs) == 2
     assert mlflow_losses(db, run_id) == pytest.approx(resumed)
+
+
+def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, tmp_path):
+    """SIGUSR1 mid-training (SLURM's warning signal): a checkpoint at the next step boundary, exit 0;
+    the same command with --resume auto finishes the schedule in the same MLflow run."""
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    flags = train_flags(tiny_model, cache_dir, out, "--resume", "auto")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), *flags],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert b"preemption signal: saving a checkpoint" in stderr
+    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "complete").is_file()]
+    stopped_at = max(train_losses(out))
+    assert saved == [f"step-{stopped_at:08d}"] and stopped_at < 11
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    one_process(flags, db)
+    assert sorted(train_losses(out)) == list(range(1, 12))
+    assert [r.info.run_id for r in mlflow_runs(db)] == [run_id]
