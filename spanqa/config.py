@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 EVAL_METRICS = ("exact", "f1", "best_exact", "best_f1")
 HEADS = ("span", "crf")
+CHOICES = {"head": HEADS, "eval_metric": EVAL_METRICS}
 
 
 @dataclass
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=preset_names(), help="start from a shipped recipe")
         elif field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs.get(field.name))
+        elif field.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[field.name], help=docs.get(field.name))
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, help=docs.get(field.name), metavar=field.name.upper())

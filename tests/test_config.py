@@ -195,3 +195,20 @@ def test_the_four_configs_are_shipped():
         "fp16_zero1.json",
         "fp16_zero2.json",
     ]
+
+
+def test_help_lists_every_run_squad_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = [
+        "--train_file", "--dev_file", "--model", "--train_batch_size", "--eval_batch_size", "--learning_rate",
+        "--num_train_epochs", "--max_seq_length", "--doc_stride", "--max_query_length", "--eval_metric",
+        "--output_dir", "--version_2_with_negative", "--seed", "--warmup_proportion", "--warmup_steps",
+        "--weight_decay", "--gradient_accumulation_steps", "--eval_per_epoch", "--head", "--deepspeed_config",
+        "--prepared", "--max_steps", "--resume", "--preset", "--tag", "--run_name", "--max_answer_length",
+        "--n_best_size", "--logging_steps", "--eval_steps", "--num_workers", "--compile",
+    ]  # fmt: skip
+    for flag in flags:
+        assert f"{flag} " in text or f"{flag}\n" in text or f"[{flag}" in text, flag
