@@ -35,7 +35,7 @@ class TrainConfig:
     dev_file: str | None = None
     """SQuAD-format JSON to evaluate on; without it (and without --prepared DIR/dev) there is no eval."""
     prepared: str | None = None
-    """A directory with window stores `train/` (and optionally `dev/`), as the trainer caches them."""
+    """A directory with window stores `train/` and optionally `dev/` (`spanqa prepare --out DIR/train`)."""
     cache_dir: str | None = None
     """Where raw JSON files are prepared into window stores; default OUTPUT_DIR/../.spanqa_cache."""
     head: str = "span"
