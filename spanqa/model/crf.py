@@ -354,7 +354,7 @@ class _LogPartition(torch.autograd.Function):
         k = g.shape[0]
         g *= grad_log_z.to(g.dtype)
         # masked positions carry the state through an identity: they are not part of the model
-        grad_emit = _sum_rows(g).masked_fill_(kind == _MASKED, 0.0)
+        grad_emit = _sum_rows(g).mul_(kind != _MASKED)
         one_hot = torch.nn.functional.one_hot(kind.flatten(), 3).to(g.dtype)  # [T*B, 3]
         grad_table = (g.view(k * k, -1) @ one_hot).view(k, k, 3).permute(2, 0, 1)
         return grad_emit, grad_table, None
@@ -445,10 +445,10 @@ class CRF(nn.Module):
         start, end, trans = self._params(emissions.dtype)
         k = self.num_tags
         active, first, last = active.t(), first.t(), last.t()  # [T, B]: the positions-last layout
-        emit = emissions.permute(2, 1, 0).contiguous()  # [K, T, B]
-        emit = torch.where(last, emit + end.view(k, 1, 1), emit).masked_fill_(~active, 0.0)
-        kind = torch.full(active.shape, _INNER, dtype=torch.long, device=active.device)
-        kind.masked_fill_(first, _FIRST).masked_fill_(~active, _MASKED)
+        # arithmetic with 0/1 floats rather than where/masked_fill: several times faster on CPU
+        emit = (end.view(k, 1, 1) * last.to(end.dtype)).add_(emissions.permute(2, 1, 0))  # [K, T, B]
+        emit *= active.to(emit.dtype)
+        kind = first.long() + (_MASKED - _MASKED * active.long())  # _MASKED, or _INNER + first
         return emit, _kind_table(start, trans), kind
 
     def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
@@ -583,15 +583,11 @@ class CRF(nn.Module):
 
 
 def _argmax0(x: Tensor) -> Tensor:
-    """argmax over dim 0 (first index on ties), unrolled: torch's reduction over a small outer dim
-    is slow."""
-    best = x[0]
-    index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
-    for j in range(1, x.shape[0]):
-        better = x[j] > best
-        best = torch.maximum(best, x[j])
-        index.masked_fill_(better, j)
-    return index
+    """argmax over dim 0, the first index on ties, as the number of leading entries below the
+    maximum: float ops only (torch's argmax over a small leading dim, and masked_fill, are many
+    times slower on CPU)."""
+    below = (x.amax(0) - x[:-1]).sign_()  # 1 below the maximum, 0 at it
+    return below.cumprod(0).sum(0).long()
 
 
 def _compose(outer: Tensor, inner: Tensor) -> Tensor:
