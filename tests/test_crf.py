@@ -347,3 +347,32 @@ def test_viterbi_never_stitches_two_tied_best_paths():
     assert score.item() == 0.0
     assert path[0].tolist() in ([1, 2], [2, 1])
     torch.testing.assert_close(crf.gold_score(emissions, path), score)
+
+
+@pytest.mark.parametrize("trans_scale", [10.0, 20.0])
+def test_scaled_and_log_space_scans_agree(trans_scale):
+    # float32 transitions spanning ~20 stay on the scaled scan, ~40 take the log-space one; float64
+    # (scaled either way) is the reference. Large emissions stress underflow in the scaled products.
+    torch.manual_seed(20)
+    crf = CRF(3).double()
+    with torch.no_grad():
+        crf.transitions.uniform_(-trans_scale, trans_scale)
+        crf.transitions[0, 0], crf.transitions[1, 2] = trans_scale, -trans_scale  # the full range
+        crf.start_transitions.uniform_(-5.0, 5.0)
+        crf.end_transitions.uniform_(-5.0, 5.0)
+    emissions = torch.randn(4, 60, 3, dtype=torch.float64) * 30
+    mask = block_mask([0, 7, 59, 3], [60, 40, 1, 0], 60)
+    tags = torch.randint(0, 3, (4, 60))
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        model = CRF(3).to(dtype)
+        model.load_state_dict(crf.state_dict())
+        e = emissions.to(dtype).clone().requires_grad_(True)
+        llh = model(e, tags, mask, reduction="none")
+        llh.sum().backward()
+        results.append((llh.double(), e.grad.double(), model.transitions.grad.double()))
+        results[-1] += (model.marginals(e.detach(), mask).double(),)
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-5)
+    # float32 rounding of scores ~1e3 leaves ~1e-4 in each probability
+    assert torch.allclose(results[1][3].sum(-1), mask.double(), atol=1e-3)

@@ -201,14 +201,15 @@ def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec) -> Tensor:
 # every beta vector, keeps entries of at least exp(-transition range); entries that do underflow are
 # ones the log-space sum would drop next to its maximum anyway.
 def _scaled_chain(emit: Tensor, table: Tensor, kind: Tensor) -> tuple[Tensor, Tensor]:
-    """exp(table[kind] + emit[None]) as (P [K, K, T, B], log scale [T, B]); one exp per emission."""
+    """exp(table[kind] + emit[None]) as (P [K, K, T, B], log scale [T, B]); one exp per emission
+    (kind: the one-hot position kinds [3, T, B])."""
     k = table.shape[1]
     table_peak = table.amax((1, 2))
     columns = (table - table_peak.view(-1, 1, 1)).exp().reshape(3, k * k).t().contiguous()
-    p = columns.index_select(1, kind.flatten()).view(k, k, *kind.shape)  # [K*K, 3]: a column per kind
+    p = (columns @ kind.view(3, -1)).view(k, k, *kind.shape[1:])  # [K*K, 3]: a column per kind
     emit_peak = emit.amax(0)
     p *= (emit - emit_peak).exp_().unsqueeze(0)
-    return p, table_peak[kind] + emit_peak
+    return p, (table_peak @ kind.view(3, -1)).view(emit_peak.shape) + emit_peak
 
 
 def _scaled_up_sweep(p: Tensor, s: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
@@ -273,7 +274,9 @@ def _pairwise_marginals(p: Tensor, s: Tensor, levels: list, log_z: Tensor) -> Te
     return g.clamp_(max=1.0)  # a probability, also after rounding
 
 
-# position kinds: which [K, K] block a position's chain matrix starts from
+# position kinds: which [K, K] block a position's chain matrix starts from. They travel as one-hot
+# floats [3, T, B], so that picking the block is a (tiny, exact) matrix product, much faster on CPU
+# than indexing, and the gradient of the blocks is one too.
 _INNER, _FIRST, _MASKED = 0, 1, 2
 
 
@@ -287,9 +290,8 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
     """Log-space M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
     k = table.shape[1]
-    columns = table.reshape(3, k * k).t().contiguous()  # [K*K, 3]: one column per kind
-    base = columns.index_select(1, kind.flatten()).view(k, k, *kind.shape)
-    return base.add_(emit.unsqueeze(0))
+    columns = table.reshape(3, k * k).t()  # [K*K, 3]: one column per kind
+    return (columns @ kind.view(3, -1)).view(k, k, *kind.shape[1:]).add_(emit.unsqueeze(0))
 
 
 def _log_pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
@@ -338,7 +340,7 @@ class _LogPartition(torch.autograd.Function):
     """log Z with the forward-backward marginals as the hand-written gradient.
 
     Inputs: emit [K, T, B] (emissions, + end at the last active position, 0 where masked), the kind
-    table [3, K, K] and the position kinds [T, B]."""
+    table [3, K, K] and the one-hot position kinds [3, T, B]."""
 
     @staticmethod
     def forward(ctx, emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
@@ -354,9 +356,8 @@ class _LogPartition(torch.autograd.Function):
         k = g.shape[0]
         g *= grad_log_z.to(g.dtype)
         # masked positions carry the state through an identity: they are not part of the model
-        grad_emit = _sum_rows(g).mul_(kind != _MASKED)
-        one_hot = torch.nn.functional.one_hot(kind.flatten(), 3).to(g.dtype)  # [T*B, 3]
-        grad_table = (g.view(k * k, -1) @ one_hot).view(k, k, 3).permute(2, 0, 1)
+        grad_emit = _sum_rows(g).mul_(1.0 - kind[_MASKED])
+        grad_table = (g.view(k * k, -1) @ kind.view(3, -1).t()).view(k, k, 3).permute(2, 0, 1)
         return grad_emit, grad_table, None
 
 
@@ -448,7 +449,8 @@ class CRF(nn.Module):
         # arithmetic with 0/1 floats rather than where/masked_fill: several times faster on CPU
         emit = (end.view(k, 1, 1) * last.to(end.dtype)).add_(emissions.permute(2, 1, 0))  # [K, T, B]
         emit *= active.to(emit.dtype)
-        kind = first.long() + (_MASKED - _MASKED * active.long())  # _MASKED, or _INNER + first
+        first = first.to(emit.dtype)
+        kind = torch.stack([active.to(emit.dtype) - first, first, 1.0 - active.to(emit.dtype)])
         return emit, _kind_table(start, trans), kind
 
     def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
