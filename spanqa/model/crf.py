@@ -163,11 +163,11 @@ def _up_sweep(m: Tensor, matmul) -> tuple[list[Tensor], Tensor]:
     """Pairwise products level by level over dim 2 of [K, K, L, B]; returns the (even-padded)
     levels and the [K, K, 1, B] total."""
     k, _, _, batch = m.shape
-    eye = _log_identity(k, m.dtype, m.device).view(k, k, 1, 1)
     levels = []
     while m.shape[2] > 1:
         if m.shape[2] % 2:
-            m = torch.cat([m, eye.expand(k, k, 1, batch)], dim=2)
+            eye = _log_identity(k, m.dtype, m.device).view(k, k, 1, 1).expand(k, k, 1, batch)
+            m = torch.cat([m, eye], dim=2)
         levels.append(m)
         m = matmul(m[:, :, 0::2], m[:, :, 1::2])
     return levels, m
@@ -178,7 +178,8 @@ def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
     v = top_in
     for child in reversed(levels):
         half = child.shape[2] // 2
-        v = v[:, :half]
+        if v.shape[1] > half:
+            v = v[:, :half]  # drop the odd-padding identity of the level above
         right = vecmat(v, child[:, :, 0::2])
         v = torch.stack([v, right], dim=2).flatten(1, 2)
     return v
@@ -189,7 +190,8 @@ def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec) -> Tensor:
     w = top_out
     for child in reversed(levels):
         half = child.shape[2] // 2
-        w = w[:, :half]
+        if w.shape[1] > half:
+            w = w[:, :half]
         left = matvec(child[:, :, 1::2], w)
         w = torch.stack([left, w], dim=2).flatten(1, 2)
     return w
