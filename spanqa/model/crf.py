@@ -12,10 +12,15 @@ so log Z = logsumexp_j (M_1 ⋯ M_T)[0, j]. The product is an associative reduct
 tree (O(log T) sequential levels, O(T) work) gives log Z; walking the same tree back down with
 vectors instead of matrices (a Blelloch down-sweep) gives every prefix vector (alpha) and suffix
 vector (beta), hence the pairwise marginals, which are exactly the gradient of log Z with respect to
-each M_t (a hand-written backward: much cheaper than differentiating the tree). Viterbi is the
-max-plus reduction plus its prefix down-sweep; the best path is recovered from backpointer maps
-y_{t-1} = bp_t(y_t), whose composition is again associative (a doubling scan over [B, T, K] index
-maps) — the same tie-breaking as a sequential backtrack, so the path is always consistent.
+each M_t (a hand-written backward: much cheaper than differentiating the tree). The sum-product
+tree runs on rescaled plain numbers (ordinary matrix products, one log per block; see "scaled
+sum-product tree"), falling back to logsumexp in log space when hard constraints (-inf transitions)
+or huge transitions could make that inexact.
+
+Viterbi is the max-plus tree plus both down-sweeps: the best path takes, at each position, the tag
+whose best path through it is best (max-marginals); the stitched path is checked against the
+optimum, and on ties that break it, backpointer maps y_{t-1} = bp_t(y_t) are composed by a
+doubling scan instead — the same tie-breaking as a sequential backtrack.
 
 Masks may be any contiguous block per row (the context tokens after ``[CLS] question [SEP]``);
 the model is defined over the active positions in order, so a row with no active position has
