@@ -594,7 +594,7 @@ class CRF(nn.Module):
         """pytorch-crf's list form: the best tags over each row's active positions."""
         _, tags = self.viterbi(emissions, mask)
         active = torch.ones_like(tags, dtype=torch.bool) if mask is None else mask.bool()
-        flat = tags.masked_select(active).tolist()
+        flat = tags.masked_select(active).cpu().numpy().tolist()  # faster than Tensor.tolist
         paths, offset = [], 0
         for n in active.sum(1).tolist():
             paths.append(flat[offset : offset + n])
