@@ -347,33 +347,54 @@ def _marginals_from(saved: list[Tensor], scaled: bool, log_z: Tensor) -> Tensor:
     return _log_pairwise_marginals(m, levels, log_z)
 
 
-class _LogPartition(torch.autograd.Function):
-    """log Z with the forward-backward marginals as the hand-written gradient.
+def _chain_inputs(
+    emissions: Tensor, start: Tensor, end: Tensor, trans: Tensor, active: Tensor, first: Tensor, last: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(emit [K, T, B], kind table [3, K, K], one-hot kinds [3, T, B]) from which the chain matrices
+    are built (see `_chain_from`); emit is the emissions, + end at the last active position, 0 where
+    masked."""
+    k = trans.shape[0]
+    active, first, last = active.t(), first.t(), last.t()  # [T, B]: the positions-last layout
+    # arithmetic with 0/1 floats rather than where/masked_fill: several times faster on CPU
+    emit = (end.view(k, 1, 1) * last.to(end.dtype)).add_(emissions.permute(2, 1, 0))
+    emit *= active.to(emit.dtype)
+    first = first.to(emit.dtype)
+    kind = torch.stack([active.to(emit.dtype) - first, first, 1.0 - active.to(emit.dtype)])
+    return emit, _kind_table(start, trans), kind
 
-    Inputs: emit [K, T, B] (emissions, + end at the last active position, 0 where masked), the kind
-    table [3, K, K] and the one-hot position kinds [3, T, B]."""
+
+class _LogPartition(torch.autograd.Function):
+    """log Z [B] with the forward-backward marginals as the hand-written gradient, from the prepared
+    emissions [B, T, K], start, end, transitions and the active/first/last flags [B, T].
+
+    Building the chain inside the function keeps those few dozen small ops off the autograd graph:
+    their gradient is a handful of sums of the marginals."""
 
     # Both passes run in inference mode (see `_INFERENCE`); the scan's intermediates, made there,
     # are kept on ctx (inference tensors cannot go through save_for_backward) and never modified.
     @staticmethod
-    def forward(ctx, emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
+    def forward(ctx, emissions, start, end, trans, active, first, last) -> Tensor:
         with torch.inference_mode():
-            ctx.log_z, ctx.scaled, ctx.scan = _sum_product(emit, table, kind)
-        ctx.save_for_backward(kind)
+            emit, table, ctx.kind = _chain_inputs(emissions, start, end, trans, active, first, last)
+            ctx.log_z, ctx.scaled, ctx.scan = _sum_product(emit, table, ctx.kind)
+            ctx.last = last.t().to(emit.dtype)
         return ctx.log_z.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_z: Tensor):
-        (kind,) = ctx.saved_tensors
+        kind = ctx.kind
         with torch.inference_mode():
             g = _marginals_from(ctx.scan, ctx.scaled, ctx.log_z)
             k = g.shape[0]
             g *= grad_log_z.to(g.dtype)
             # masked positions carry the state through an identity: they are not part of the model
-            grad_emit = _sum_rows(g).mul_(1.0 - kind[_MASKED])
-            grad_table = (g.view(k * k, -1) @ kind.view(3, -1).t()).view(k, k, 3).permute(2, 0, 1)
-        return grad_emit.clone(), grad_table.clone(), None
+            grad_emit = _sum_rows(g).mul_(1.0 - kind[_MASKED])  # [K, T, B]
+            grad_table = (g.view(k * k, -1) @ kind.view(3, -1).t()).view(k, k, 3)
+            grad_end = (grad_emit * ctx.last).sum((1, 2))  # end is added at the last position
+            grad_start = grad_table[:, :, _FIRST].sum(0)  # start fills every row of its block
+            grads = (grad_emit.permute(2, 1, 0), grad_start, grad_end, grad_table[:, :, _INNER])
+        return *(x.clone(memory_format=torch.contiguous_format) for x in grads), None, None, None
 
 
 def _sum_rows(g: Tensor) -> Tensor:
@@ -457,16 +478,7 @@ class CRF(nn.Module):
     def _chain_inputs(
         self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(emit, kind table, kinds) from which the chain matrices are built (see `_chain_from`)."""
-        start, end, trans = self._params(emissions.dtype)
-        k = self.num_tags
-        active, first, last = active.t(), first.t(), last.t()  # [T, B]: the positions-last layout
-        # arithmetic with 0/1 floats rather than where/masked_fill: several times faster on CPU
-        emit = (end.view(k, 1, 1) * last.to(end.dtype)).add_(emissions.permute(2, 1, 0))  # [K, T, B]
-        emit *= active.to(emit.dtype)
-        first = first.to(emit.dtype)
-        kind = torch.stack([active.to(emit.dtype) - first, first, 1.0 - active.to(emit.dtype)])
-        return emit, _kind_table(start, trans), kind
+        return _chain_inputs(emissions, *self._params(emissions.dtype), active, first, last)
 
     def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
         return _chain_from(*self._chain_inputs(emissions, active, first, last))
@@ -479,7 +491,7 @@ class CRF(nn.Module):
             from spanqa.model import crf_triton
 
             return crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
-        return _LogPartition.apply(*self._chain_inputs(emissions, active, first, last))
+        return _LogPartition.apply(emissions, *self._params(emissions.dtype), active, first, last)
 
     def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised score [B] of the given tag sequences over the active positions."""
@@ -519,7 +531,7 @@ class CRF(nn.Module):
 
             log_z = crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
         else:
-            log_z = _LogPartition.apply(*self._chain_inputs(emissions, active, first, last))
+            log_z = _LogPartition.apply(emissions, *self._params(emissions.dtype), active, first, last)
         llh = self._gold_score(emissions, tags, active, last) - log_z
         if reduction == "none":
             return llh
