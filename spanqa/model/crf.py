@@ -496,11 +496,11 @@ class CRF(nn.Module):
     def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised score [B] of the given tag sequences over the active positions."""
         emissions, active, first, last = self._prepare(emissions, mask)
-        return self._gold_score(emissions, tags, active, last)
+        return self._gold_score(emissions, tags, active, last, self._params(emissions.dtype))
 
-    def _gold_score(self, emissions: Tensor, tags: Tensor, active: Tensor, last: Tensor) -> Tensor:
+    def _gold_score(self, emissions, tags, active, last, params: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         batch, length, k = emissions.shape
-        start, end, trans = self._params(emissions.dtype)
+        start, end, trans = params
         tags = torch.where(active, tags.long(), 0)
         # the tag at the previous active position (gaps in a mask are skipped); none before the first
         positions = torch.arange(length, device=tags.device).expand(batch, length)
@@ -526,13 +526,14 @@ class CRF(nn.Module):
         if tags.shape != emissions.shape[:2]:
             raise ValueError(f"tags {tuple(tags.shape)} do not match emissions {tuple(emissions.shape)}")
         emissions, active, first, last = self._prepare(emissions, mask)
+        params = self._params(emissions.dtype)  # once: each clamp is an autograd node
         if _use_triton(emissions):
             from spanqa.model import crf_triton
 
-            log_z = crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
+            log_z = crf_triton.log_partition(emissions, active, *params)
         else:
-            log_z = _LogPartition.apply(emissions, *self._params(emissions.dtype), active, first, last)
-        llh = self._gold_score(emissions, tags, active, last) - log_z
+            log_z = _LogPartition.apply(emissions, *params, active, first, last)
+        llh = self._gold_score(emissions, tags, active, last, params) - log_z
         if reduction == "none":
             return llh
         if reduction == "sum":
