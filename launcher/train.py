@@ -18,27 +18,8 @@ does not, and CPU ranks then oversubscribe the cores). `python launcher/train.py
 
 import sys
 
-from spanqa.train.entry import default_omp_threads
-
-default_omp_threads()  # before torch is imported
-
-from spanqa.config import parse_train_args  # noqa: E402
-from spanqa.errors import SpanqaError  # noqa: E402
-from spanqa.train.distributed import destroy_distributed, init_distributed  # noqa: E402
-from spanqa.train.engine import Trainer  # noqa: E402
-
-
-def main(argv: list[str]) -> int:
-    config = parse_train_args(argv)
-    env = init_distributed()
-    try:
-        trainer = Trainer(config, env)
-        outcome = trainer.train()
-        trainer.close("KILLED" if outcome == "preempted" else "FINISHED")
-    finally:
-        destroy_distributed()
-    return 0
-
+from spanqa.errors import SpanqaError
+from spanqa.train.entry import main
 
 if __name__ == "__main__":
     try:

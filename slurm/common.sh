@@ -62,17 +62,19 @@ init_mlflow_store() {
         'import mlflow, sys; mlflow.MlflowClient(sys.argv[1]).search_experiments()' "$MLFLOW_TRACKING_URI"
 }
 
-# Run "$@" as one srun step and forward preemption signals to it: SLURM delivers `--signal=B:...` and
-# `scancel --batch` to this batch shell only, and bash runs a trap only between commands, so srun runs
-# in the background and the shell waits for it, signals srun (which signals every task on every node),
-# and waits again. Returns srun's exit status.
+# Run "$@" as one srun step and forward the preemption warning to it: SLURM delivers `--signal=B:USR1`
+# and `scancel --signal=USR1 --batch` to this batch shell only, and bash runs a trap only between
+# commands, so srun runs in the background and the shell waits for it, signals srun (which signals
+# every task on every node), and waits again. SIGTERM (scancel, a requeue, a preemption) reaches the
+# tasks from SLURM itself: the shell only keeps waiting, so that the tasks can save; forwarding it
+# would make srun kill the step at once. Returns srun's exit status.
 run_step_forwarding_signals() {
     local rc
     STEP_PID=""
     srun --kill-on-bad-exit=1 "$@" &
     STEP_PID=$!
     trap 'forward_signal USR1' USR1
-    trap 'forward_signal TERM' TERM
+    trap 'echo "spanqa: batch shell got SIGTERM, waiting for the tasks to save"' TERM
     while kill -0 "$STEP_PID" 2>/dev/null; do
         wait "$STEP_PID" || true
     done

@@ -225,12 +225,6 @@ def test_preemption_requeues_and_resumes_in_the_same_run(workspace, one_node_run
     assert (job.out / "best_model" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="trainer: `scontrol requeue` makes SLURM SIGTERM every task at once, and the trainer has "
-    "already restored the default SIGTERM handler (PreemptionFlag.restore() in Trainer.train's finally), "
-    "so the ranks die during close(): exit 143 instead of 0, MLflow metrics still buffered are lost",
-)
 def test_preempted_attempt_exits_cleanly_and_keeps_its_metrics(workspace, one_node_run, preempted_run):
     job = preempted_run
     assert "restart 0: training exited 0" in job.log, job.log
@@ -239,11 +233,6 @@ def test_preempted_attempt_exits_cleanly_and_keeps_its_metrics(workspace, one_no
     assert sorted(loss_steps) == train_steps(one_node_run[2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer: SIGTERM (which `scancel` sends) also runs `scontrol requeue`, so a cancelled job "
-    "comes back; the issue asks SIGTERM only to save",
-)
 def test_scancel_cancels_for_good_and_keeps_a_checkpoint(workspace):
     cluster = workspace.cluster
     out = workspace.root / "runs" / "cancelled"
@@ -261,8 +250,10 @@ def test_scancel_cancels_for_good_and_keeps_a_checkpoint(workspace):
         cluster.wait_job(job_id, timeout=60)
     log = workspace.log_of("cancelled", job_id)
     assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), log
-    # SIGTERM also saves: a complete checkpoint of the step it stopped at.
+    # SIGTERM also saves: a complete checkpoint of the step it stopped at, and the run is closed.
     assert list((out / "checkpoints").glob("step-*/complete")), log
+    assert "scontrol requeue" not in log, log
+    assert the_run(workspace, "cancelled", out).info.status == "KILLED", log
 
 
 def wait_until(cluster: SlurmCluster, job_id: str, predicate, timeout: float = 120) -> dict[str, str]:

@@ -72,9 +72,22 @@ def test_preemption_flag_catches_usr1_and_restores_the_handler():
     flag = PreemptionFlag()
     assert not flag.is_set
     os.kill(os.getpid(), signal.SIGUSR1)
-    assert flag.is_set and flag.received == signal.SIGUSR1
+    assert flag.is_set and flag.wants_requeue
     flag.restore()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_sigterm_stops_without_asking_for_a_requeue():
+    before = signal.getsignal(signal.SIGTERM)
+    flag = PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the flag handles it
+        assert flag.is_set and not flag.wants_requeue
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.wants_requeue
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_slurm_job_to_requeue_addresses_array_tasks():

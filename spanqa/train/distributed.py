@@ -152,21 +152,33 @@ def broadcast_from_main(obj, env: DistEnv):
 
 
 class PreemptionFlag:
-    """SIGUSR1 (SLURM's `--signal=USR1@T`) and SIGTERM set a flag; the trainer checks it at step
-    boundaries, together with the other ranks, and saves a checkpoint before it exits."""
+    """SIGUSR1 (SLURM's `--signal=USR1@T`, or `scancel --signal=USR1 --batch`) and SIGTERM (`scancel`,
+    a requeue, a preemption by another job) set a flag; the trainer checks it at step boundaries,
+    together with the other ranks, and saves a checkpoint before it exits. Only SIGUSR1 asks for the
+    job to be requeued: SIGTERM means the job is being ended, and it must stay ended.
+
+    Install it for the life of the process: after `scontrol requeue` SLURM SIGTERMs every task, and
+    a default handler then would kill the ranks while they still close the MLflow run.
+    """
+
+    REQUEUE_SIGNAL = signal.SIGUSR1
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.received: int | None = None
+        self.received: set[int] = set()
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        self.received.add(signum)
 
     @property
     def is_set(self) -> bool:
-        return self.received is not None
+        return bool(self.received)
+
+    @property
+    def wants_requeue(self) -> bool:
+        return self.REQUEUE_SIGNAL in self.received
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

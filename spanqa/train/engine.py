@@ -311,10 +311,16 @@ class Trainer:
 
     # ---- training ---------------------------------------------------------------------------
 
-    def train(self) -> str:
+    def train(self, preemption: PreemptionFlag | None = None) -> str:
         """Train to the end (or --max_steps, or a preemption signal). Returns "finished", "stopped"
-        (at --max_steps) or "preempted"."""
-        preemption = PreemptionFlag()
+        (at --max_steps), "preempted" (SIGTERM: saved, to stay ended) or "requeue" (SIGUSR1: saved;
+        call `requeue()` once the MLflow run is closed).
+
+        `preemption`: a flag the caller installed for the life of the process (see PreemptionFlag);
+        without one, the trainer installs its own while it trains.
+        """
+        own_flag = preemption is None
+        preemption = PreemptionFlag() if own_flag else preemption
         progress = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -334,8 +340,9 @@ class Trainer:
                         continue
                     self.step += 1
                     progress.update(1)
-                    if self._after_step(preemption) != "continue":
-                        return "preempted"
+                    outcome = self._after_step(preemption)
+                    if outcome != "continue":
+                        return outcome
                     if self.step >= self.stop_step:
                         break
                 if self.sampler.batches_done >= self.steps_per_epoch * self.accum:
@@ -347,7 +354,8 @@ class Trainer:
             return "finished"
         finally:
             progress.close()
-            preemption.restore()
+            if own_flag:
+                preemption.restore()
             self._log_time()
 
     def train_step(self, batch: dict[str, torch.Tensor], global_windows: int | None = None) -> torch.Tensor:
@@ -400,12 +408,11 @@ class Trainer:
             self._write_param_checksum()
         logging_due = self.step % self.config.logging_steps == 0 or self.step == self.stop_step
         if logging_due or self.step % PREEMPTION_CHECK_STEPS == 0:
-            stop = self._reduce_and_log(preemption.is_set, logging_due)
+            stop, requeue = self._reduce_and_log(preemption, logging_due)
             if stop:
                 log.warning(f"preemption signal: saving a checkpoint at step {self.step}")
                 self.save()
-                self._requeue()
-                return "preempted"
+                return "requeue" if requeue else "preempted"
         if self.step in self.eval_at:
             self.validate()
             self.save()
@@ -416,16 +423,18 @@ class Trainer:
         self._micro = self._samples = self._tokens = 0
         self._window_started = time.perf_counter()
 
-    def _reduce_and_log(self, signal_received: bool, logging_due: bool) -> bool:
+    def _reduce_and_log(self, preemption: PreemptionFlag, logging_due: bool) -> tuple[bool, bool]:
         """One all-reduce (the only host sync in the loop): the loss sum, counts and the preemption
-        flag of every rank. Returns whether any rank received a preemption signal."""
+        flags of every rank. Returns whether any rank received a preemption signal, and whether any
+        received the one that asks for a requeue."""
+        flags = [float(preemption.is_set), float(preemption.wants_requeue)]
         counts = torch.tensor(
-            [self._micro, self._samples, self._tokens, float(signal_received)],
+            [self._micro, self._samples, self._tokens, *flags],
             dtype=torch.float32,
             device=self.env.device,
         )
         packed = torch.cat([self._loss_sum.reshape(1), counts]).double()
-        loss_sum, micro, samples, tokens, signals = sum_tensors(packed).tolist()
+        loss_sum, micro, samples, tokens, signals, requeues = sum_tensors(packed).tolist()
         if logging_due and micro > 0:
             elapsed = time.perf_counter() - self._window_started
             metrics = {
@@ -438,7 +447,7 @@ class Trainer:
             metrics.update(self._optimizer_metrics())
             self._record(metrics)
             self._reset_window()
-        return signals > 0
+        return signals > 0, requeues > 0
 
     def _optimizer_metrics(self) -> dict[str, float]:
         metrics = {}
@@ -616,7 +625,8 @@ class Trainer:
             self.history = _read_history(self.output_dir / TRAIN_LOG, self.step)
         log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
-    def _requeue(self) -> None:
+    def requeue(self) -> None:
+        """Rank 0 asks SLURM to run the job again (outside SLURM: nothing to do); all ranks wait."""
         job = slurm_job_to_requeue()
         if self.env.is_main and job is not None:
             log.warning(requeue_slurm_job(job))

@@ -7,6 +7,7 @@ This module imports no torch at import time, so that OMP_NUM_THREADS can still b
 from __future__ import annotations
 
 import os
+import signal
 
 
 def default_omp_threads(environ: dict | None = None) -> bool:
@@ -27,15 +28,25 @@ def main(argv: list[str]) -> int:
     default_omp_threads()  # before torch is imported below
 
     from spanqa.config import parse_train_args
-    from spanqa.train.distributed import destroy_distributed, init_distributed
+    from spanqa.train.distributed import PreemptionFlag, destroy_distributed, init_distributed
     from spanqa.train.engine import Trainer
 
     config = parse_train_args(argv)  # a bad flag stops here: nothing is written
+    # Installed until the process ends: a SIGTERM while the run closes (SLURM sends one to every
+    # task after `scontrol requeue`) must not kill it before MLflow has the last metrics.
+    preemption = PreemptionFlag()
     env = init_distributed()
     try:
         trainer = Trainer(config, env)
-        outcome = trainer.train()
-        trainer.close("KILLED" if outcome == "preempted" else "FINISHED")
+        outcome = trainer.train(preemption)
+        if outcome in ("preempted", "requeue"):
+            # Saved; the job is ending. SLURM SIGTERMs every task again (after a requeue, too), and
+            # Python puts back the default handler while the interpreter shuts down: SIG_IGN stays,
+            # so that a clean exit is not turned into 143 (SLURM still SIGKILLs a hung rank).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        trainer.close("KILLED" if outcome in ("preempted", "requeue") else "FINISHED")
+        if outcome == "requeue":
+            trainer.requeue()
     finally:
         destroy_distributed()
     return 0
