@@ -75,14 +75,21 @@ def prepare_stores(config: TrainConfig, tokenizer, env: DistEnv):
     """
     from spanqa.data.prepare import prepare
     from spanqa.data.store import WindowStore
+    from spanqa.data.windows import WindowSettings
 
     if config.prepared is not None:
         root = Path(config.prepared)
+        train_store = WindowStore.open(root / "train")
         dev = root / "dev"
         dev_store = WindowStore.open(dev) if (dev / "meta.json").is_file() else None
+        # stores made elsewhere (or long ago) must match this model's tokenizer and these window flags
+        settings = WindowSettings(config.max_seq_length, config.doc_stride, config.max_query_length)
+        for store in (train_store, dev_store):
+            if store is not None:
+                store.check_compatible(tokenizer, settings.as_dict())
         if dev_store is None and config.dev_file is not None:
             dev_store = _prepared(config, config.dev_file, "dev", tokenizer, env, prepare, WindowStore)
-        return WindowStore.open(root / "train"), dev_store
+        return train_store, dev_store
     train = _prepared(config, config.train_file, "train", tokenizer, env, prepare, WindowStore)
     dev = None
     if config.dev_file is not None:
@@ -124,6 +131,24 @@ def _prepared(config, data_file, role, tokenizer, env, prepare, store_class):
         )
     barrier()
     return store_class.open(out)
+
+
+def gold_questions(dev_store, dev_file: str | None) -> list:
+    """The dev questions as the official scorer sees them: read untouched from the data file (the
+    store's examples carry repaired answers and lack dropped questions). A store whose source file
+    is not here (or has changed since) scores its own examples, with a warning."""
+    from spanqa.data.prepare import file_sha256
+    from spanqa.eval.squad_metric import read_gold_questions
+
+    source = dev_store.meta["source"]
+    path = Path(dev_file) if dev_file is not None else Path(source["path"])
+    if path.is_file() and file_sha256(path) == source["sha256"]:
+        return read_gold_questions(path)
+    log.warning(
+        f"{dev_store.path}: its source {source['path']} is not here (or changed): scoring the store's "
+        "own examples, whose answers were validated (EM/F1 may differ from the official scorer's)"
+    )
+    return dev_store.examples()
 
 
 def load_tokenizer(model: str):
@@ -236,6 +261,7 @@ class Trainer:
         config, env = self.config, self.env
         self.tokenizer = load_tokenizer(config.model)
         self.train_store, self.dev_store = prepare_stores(config, self.tokenizer, env)
+        self._golds = None  # the dev file's questions, read when first scored (rank 0)
         if self.dev_store is None:
             log.warning("no --dev_file: no evaluation, no best model")
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
@@ -536,7 +562,9 @@ class Trainer:
         window_indices = np.concatenate([g[1] for g in gathered])
         threshold = self.config.null_threshold
         predictions, null_odds = select_answers(cands, window_indices, self.dev_store, threshold)
-        scores = squad_v2_scores(self.dev_store.examples(), predictions, null_odds, null_threshold=threshold)
+        if self._golds is None:
+            self._golds = gold_questions(self.dev_store, self.config.dev_file)
+        scores = squad_v2_scores(self._golds, predictions, null_odds, null_threshold=threshold)
         scores["eval_loss"] = sum(g[2] for g in gathered) / len(window_indices)
         report = {
             **scores,
@@ -565,6 +593,7 @@ class Trainer:
             "max_query_length": self.config.max_query_length,
             "max_answer_length": self.config.max_answer_length,
             "n_best_size": self.config.n_best_size,
+            # a finite number (JSON has no infinity); predict answers always when not version 2
             "null_threshold": self.config.null_score_diff_threshold,
             "version_2_with_negative": self.config.version_2_with_negative,
             "base_model": self.config.model,
