@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spanqa.errors import SpanqaError
+from spanqa.files import read_text
 
 # Used when an export's spanqa_config.json lacks a setting (the values of BERT's SQuAD recipe).
 DEFAULT_SETTINGS = {
@@ -61,12 +62,7 @@ class Prediction:
 def read_questions(path: str | Path) -> list[Question]:
     """Questions from SQuAD JSON or JSON lines; SpanqaError naming the file and line/JSON path."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpanqaError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpanqaError(f"{path}: cannot read: {err}") from None
+    text = read_text(path, "questions file")
     if not text.strip():
         raise SpanqaError(f"{path}: empty file")
     try:

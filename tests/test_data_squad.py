@@ -154,5 +154,5 @@ def test_not_json_and_truncated_json(tmp_path):
     bad.write_text(json.dumps(BASE)[:-20])
     with pytest.raises(SpanqaError, match=r"bad.json: truncated JSON: .* \(line 1, column \d+\)"):
         load_squad(bad)
-    with pytest.raises(SpanqaError, match="missing.json: no such file"):
+    with pytest.raises(SpanqaError, match="missing.json: no such data file"):
         load_squad(tmp_path / "missing.json")

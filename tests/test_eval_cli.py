@@ -110,7 +110,7 @@ def test_bad_data_file_and_missing_files(files, capsys, tmp_path):
     code, _, err = run(capsys, "--data_file", files("bad.json", bad), "--predictions", preds)
     assert code == 2 and "bad.json: $.data[0].paragraphs[0].qas[0].answers[0].text: expected str" in err
     code, _, err = run(capsys, "--data_file", str(tmp_path / "absent.json"), "--predictions", preds)
-    assert code == 2 and "absent.json: data file not found" in err and err.count("\n") == 1
+    assert code == 2 and "absent.json: no such data file" in err and err.count("\n") == 1
     data, out = files("dev.json", DATA), str(tmp_path / "no" / "such" / "dir" / "r.json")
     code, _, err = run(capsys, "--data_file", data, "--predictions", preds, "--out", out)
     assert code == 2 and "r.json: --out: cannot write" in err and err.count("\n") == 1

@@ -210,7 +210,7 @@ def test_bad_input_files_name_what_and_where(tmp_path, content, message):
         (["--question", "Q?"], "--context: needed with --question"),
         ([], "nothing to answer"),
         (["--input", "x.jsonl", "--question", "Q?"], "not both"),
-        (["--input", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--input", "missing.jsonl"], "missing.jsonl: no such questions file"),
         (["--question", "Q?", "--context", "C.", "--batch_size", "0"], "--batch_size"),
     ],
 )

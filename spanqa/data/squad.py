@@ -8,12 +8,12 @@ drop is counted in the validation report, with its JSON path, so nothing is lost
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spanqa.errors import SpanqaError
+from spanqa.files import read_json
 
 MAX_REPORTED_ISSUES = 50  # the report keeps the first issues verbatim and counts all of them
 
@@ -73,26 +73,9 @@ class ValidationReport:
         return d
 
 
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpanqaError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpanqaError(f"{path}: cannot read: {err}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        # an unterminated string or an error at the very end means the file was cut short
-        cut_short = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
-        what = "truncated JSON" if cut_short else "not valid JSON"
-        raise SpanqaError(f"{path}: {what}: {err.msg} (line {err.lineno}, column {err.colno})") from None
-
-
 def load_squad(path: str | Path) -> tuple[list[Example], dict]:
     """Examples of a SQuAD v1.1/v2.0 file (one per question) and the validation report as a dict."""
-    data = read_json(path)
+    data = read_json(path, "data file")
     examples, report = parse_squad(data, source=str(path))
     return examples, report.as_dict()
 

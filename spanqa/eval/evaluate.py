@@ -19,12 +19,12 @@ from pathlib import Path
 from spanqa.errors import SpanqaError
 from spanqa.eval.squad_metric import (
     check_null_odds_cover,
-    load_json,
     read_gold_questions,
     squad_v2_scores,
     validate_null_odds,
     validate_predictions,
 )
+from spanqa.files import read_json
 
 PREDICTIONS_FILE = "predictions.json"
 NULL_ODDS_FILE = "null_odds.json"
@@ -54,10 +54,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     golds = read_gold_questions(args.data_file)
-    predictions = validate_predictions(load_json(args.predictions, "predictions file"), args.predictions)
+    predictions = validate_predictions(read_json(args.predictions, "predictions file"), args.predictions)
     null_odds = None
     if args.null_odds:
-        null_odds = validate_null_odds(load_json(args.null_odds, "null odds file"), args.null_odds)
+        null_odds = validate_null_odds(read_json(args.null_odds, "null odds file"), args.null_odds)
     _warn_about_ids(golds, predictions, args.predictions)
     if null_odds is not None:
         check_null_odds_cover(null_odds, (g.id for g in golds), predictions, args.null_odds)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spanqa.errors import SpanqaError
+from spanqa.files import read_json
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)  # deletes exactly the official set
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -97,7 +98,7 @@ def read_gold_questions(path: str | Path) -> list[GoldQuestion]:
     Scoring must see the golds the official scorer sees, so this reader neither repairs nor drops answers
     (the training-side parser may); it only checks the structure the scorer relies on.
     """
-    data = load_json(path, "data file")
+    data = read_json(path, "data file")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise SpanqaError(f"{path}: $.data: expected a list of articles (a SQuAD JSON file)")
     golds = []
@@ -291,18 +292,6 @@ def _unique_by_id(golds: list[GoldQuestion]) -> dict[str, GoldQuestion]:
     for gold in golds:
         questions[gold.id] = gold
     return questions
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SpanqaError(f"{path}: {what} not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpanqaError(f"{path}: not valid JSON ({err})") from None
-    except OSError as err:
-        raise SpanqaError(f"{path}: cannot read {what} ({err.strerror})") from None
 
 
 def _field(obj: Any, key: str, kind: type, where: str) -> Any:

@@ -31,11 +31,8 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(
-        em_ptr, act_ptr, first_ptr, start_ptr, end_ptr, trans_ptr, alpha_ptr, logz_ptr, T, K,
-        BK: tl.constexpr,
-    ):  # fmt: skip
-        b = tl.program_id(0)
+    def _chain_parameters(start_ptr, end_ptr, trans_ptr, K, BK: tl.constexpr):
+        """Transitions [BK, BK] and start/end scores [BK], the padding tags at log 0 (-1e30)."""
         i = tl.arange(0, BK)
         j = tl.arange(0, BK)
         ok_i = i < K
@@ -45,6 +42,17 @@ if triton is not None:
         )
         start = tl.load(start_ptr + j, mask=ok_j, other=-1e30)
         end = tl.load(end_ptr + j, mask=ok_j, other=-1e30)
+        return trans, start, end
+
+    @triton.jit
+    def _forward_kernel(
+        em_ptr, act_ptr, first_ptr, start_ptr, end_ptr, trans_ptr, alpha_ptr, logz_ptr, T, K,
+        BK: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        j = tl.arange(0, BK)
+        ok_j = j < K
+        trans, start, end = _chain_parameters(start_ptr, end_ptr, trans_ptr, K, BK)
         first = tl.load(first_ptr + b)
         alpha = start * 0.0 - 1e30
         for t in range(0, T):
@@ -104,15 +112,9 @@ if triton is not None:
         BK: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
-        i = tl.arange(0, BK)
         j = tl.arange(0, BK)
-        ok_i = i < K
         ok_j = j < K
-        trans = tl.load(
-            trans_ptr + i[:, None] * K + j[None, :], mask=ok_i[:, None] & ok_j[None, :], other=-1e30
-        )
-        start = tl.load(start_ptr + j, mask=ok_j, other=-1e30)
-        end = tl.load(end_ptr + j, mask=ok_j, other=-1e30)
+        trans, start, end = _chain_parameters(start_ptr, end_ptr, trans_ptr, K, BK)
         first = tl.load(first_ptr + b)
         delta = start * 0.0 - 1e30
         for t in range(0, T):
