@@ -31,7 +31,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The whole job on the bundled sample: MiniLM, span head, deepspeed launcher, local MLflow store.
-# DEMO_FLAGS are passed to launcher/train.py (e.g. DEMO_FLAGS="--max_steps 20" for a smoke run).
+# DEMO_FLAGS are passed to launcher/train.py (a smoke run: DEMO_FLAGS="--max_steps 4 --eval_steps 4").
+DEMO_DIR ?= runs/demo
 DEMO_FLAGS ?=
 demo: install
-	$(BIN)/spanqa demo -- $(DEMO_FLAGS)
+	$(BIN)/spanqa demo --output_dir $(DEMO_DIR) -- $(DEMO_FLAGS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from spanqa.errors import SpanqaError
@@ -231,6 +231,20 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             values["warmup_steps"] = None
         values.update(layer)
     return TrainConfig(**values)
+
+
+def flags_table() -> str:
+    """The README's flags table (Markdown), made from the fields: a test keeps the two equal."""
+    docs = _field_docs()
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for field in fields(TrainConfig):
+        flag = f"`--{field.name}`"
+        if field.type in ("bool", bool):
+            flag += f" / `--no-{field.name}`"
+        default = {MISSING: "required", None: "—"}.get(field.default, f"`{field.default}`")
+        meaning = docs.get(field.name, "").replace("|", "\\|")
+        rows.append(f"| {flag} | {default} | {meaning} |")
+    return "\n".join(rows)
 
 
 def _field_docs() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Cut the bundled demo sample out of real SQuAD v2.0 files (how data/sample/*.json were made).
 
-    python data/sample/make_sample.py ../shared/data/squad2 data/sample --train_questions 1600 --dev_questions 500
+    python data/sample/make_sample.py ../shared/data/squad2 data/sample \
+        --train_questions 2000 --dev_questions 500
 
 Whole paragraphs are taken round-robin across articles (train: the official train set's first 10
 articles; dev: the official dev set), so the sample keeps every article's topics and the answerable /

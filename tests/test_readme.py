@@ -1,0 +1,110 @@
+"""The README cannot drift from the code: its commands name real targets, sub-commands and flags,
+its flags table is the one the config makes, CI runs its test command, and its demo command runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from spanqa.cli import COMMANDS
+from spanqa.config import build_parser, flags_table
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+TRAIN_SCRIPTS = ("launcher/train.py", "slurm/train.sbatch", "slurm/compare.sbatch")
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command in the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def flags_of(words: list[str]) -> list[str]:
+    return [w.split("=")[0] for w in words if w.startswith("--")]
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), flags=re.M))
+
+
+@cache
+def subcommand_help(name: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "spanqa.cli", name, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_two_commands_are_make_targets_and_ci_runs_the_test_command():
+    two = README.split("## Two commands", 1)[1].split("##", 1)[0]
+    assert "make demo" in two and "make test" in two
+    assert {"demo", "test", "test-fast", "install", "lint"} <= make_targets()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, flags=re.M), ci
+
+
+def test_every_readme_command_names_real_targets_subcommands_and_flags():
+    train_flags = {f for action in build_parser()._actions for f in action.option_strings}
+    checked = 0
+    for words in readme_commands():
+        program = Path(words[0]).name
+        if program == "make":
+            assert set(words[1:]) - {w for w in words[1:] if "=" in w} <= make_targets(), words
+        elif program == "spanqa":
+            assert words[1] in COMMANDS, words
+            usage = subcommand_help(words[1])
+            for flag in flags_of(words[2:]):
+                assert flag in usage, f"{flag} is not a flag of `spanqa {words[1]}`: {words}"
+        else:
+            script = next((i for i, w in enumerate(words) if w in TRAIN_SCRIPTS), None)
+            if script is None:
+                continue  # mlflow, export, sbatch options of other tools
+            assert (REPO / words[script]).is_file(), words
+            unknown = set(flags_of(words[script + 1 :])) - train_flags
+            assert not unknown, f"not training flags: {sorted(unknown)} in {words}"
+        checked += 1
+    assert checked >= 10  # the README's recipes were found
+
+
+def test_the_flags_table_is_the_one_the_config_makes():
+    assert flags_table() in README, "README's flags table is stale: paste spanqa.config.flags_table()"
+
+
+def test_the_readme_names_only_shipped_deepspeed_configs():
+    for name in set(re.findall(r"\b(\w+\.json)\b", README)):
+        if re.match(r"(fp16|bf16|cpu)_", name):
+            assert (REPO / "ds_configs" / name).is_file(), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    Path(sys.prefix) != REPO / ".venv", reason="`make demo` runs in the repository's .venv (run `make test`)"
+)
+def test_make_demo_runs_as_the_readme_says(tmp_path):
+    """`make demo` as written, cut to a smoke run: 4 steps, one evaluation, the figures printed."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run(
+        ["make", "demo", f"DEMO_DIR={tmp_path / 'demo'}", "DEMO_FLAGS=--max_steps 4 --eval_steps 4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "demo results on data/sample/dev.json (503 questions" in out, out[-3000:]
+    for name in ("exact", "f1", "HasAns_f1"):
+        assert re.search(rf"^  {name} +-?\d+\.\d\d$", out, flags=re.M), out[-3000:]
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out
+    assert (tmp_path / "demo" / "best_model" / "model.safetensors").is_file()
