@@ -175,6 +175,9 @@ def test_check_compatible_names_what_is_stale(tiny_store, minilm_tokenizer, tiny
     extended.add_tokens(["spanqa-new-token"])  # a changed vocabulary changes the fingerprint
     with pytest.raises(SpanqaError, match=r"meta.json: built with another tokenizer \(fingerprint"):
         tiny_store.check_compatible(tokenizer=extended)
+    used = AutoTokenizer.from_pretrained(minilm_dir())
+    used("question", "context " * 50, truncation="only_second", max_length=32, stride=8, padding="max_length")
+    tiny_store.check_compatible(tokenizer=used)  # per-call truncation/padding state is not the tokenizer
 
 
 def copy_store(src, dst):

@@ -15,6 +15,7 @@ are then cut in numpy, which gives the exact question cut that a pair call with
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,14 @@ def check_fast(tokenizer: Any, name: str) -> None:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the serialized tokenizer (vocabulary, normalizer, pre-tokenizer, template)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+    """sha256 of the serialized tokenizer (vocabulary, normalizer, pre-tokenizer, template).
+
+    Truncation and padding are left out: they are per-call state (a call with `truncation=...` stores
+    it in the backend), not part of what the tokenizer makes of a text.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["truncation"] = state["padding"] = None
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def pair_template(tokenizer: Any) -> PairTemplate:
