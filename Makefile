@@ -36,3 +36,15 @@ DEMO_DIR ?= runs/demo
 DEMO_FLAGS ?=
 demo: install
 	$(BIN)/spanqa demo --output_dir $(DEMO_DIR) -- $(DEMO_FLAGS)
+
+# The CPU benchmarks behind the README's results table, each against what it claims to beat
+# (about 7 minutes on 2 idle cores; they read ../shared/data/squad2 unless given --data_file/--data).
+bench: install
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/crf.py --repeats 21 --threads 1
+	$(BIN)/python bench/train.py
+	for head in span crf; do \
+	  $(BIN)/python bench/throughput.py --model_config minilm --head $$head --steps 20 --warmup 5 && \
+	  $(BIN)/python bench/throughput.py --model_config spanbert-base --head $$head --steps 8 --warmup 2 || exit 1; \
+	done
