@@ -16,9 +16,10 @@ import torch
 
 from spanqa.errors import SpanqaError
 from spanqa.model.build import QAModel, build_model, export_model, load_model
-from spanqa.testing import shared_squad2, tiny_bert_dir
+from spanqa.testing import REPO_ROOT, tiny_bert_dir
 
 HEADS = ("span", "crf")
+SAMPLE_TRAIN = REPO_ROOT / "data" / "sample" / "train.json"
 SETTINGS = {"max_seq_length": 256, "doc_stride": 128, "max_query_length": 64, "max_answer_length": 30}
 
 
@@ -35,8 +36,8 @@ def tokenizer(tiny_dir):
 
 
 def real_questions(n_answerable: int = 3, n_impossible: int = 1) -> list[dict]:
-    """The first questions of the real SQuAD v2 train sample whose paragraph fits one short window."""
-    data = json.loads(shared_squad2("train-v2.0.first10articles.json").read_text())
+    """The first questions of the bundled real SQuAD v2 sample whose paragraph fits one short window."""
+    data = json.loads(SAMPLE_TRAIN.read_text())
     picked, wanted = [], {False: n_answerable, True: n_impossible}
     for article in data["data"]:
         for paragraph in article["paragraphs"]:
@@ -50,7 +51,7 @@ def real_questions(n_answerable: int = 3, n_impossible: int = 1) -> list[dict]:
                     picked.append(
                         {"question": qa["question"], "context": paragraph["context"], "answer": answer}
                     )
-    assert not any(wanted.values()), "the shared train sample lacks short paragraphs"
+    assert not any(wanted.values()), f"{SAMPLE_TRAIN} lacks short paragraphs"
     return picked
 
 
