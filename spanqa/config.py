@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from spanqa.errors import SpanqaError
+from spanqa.files import read_json
 from spanqa.presets import load_preset, preset_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -273,9 +274,9 @@ def default_deepspeed_config_path(device_type: str, bf16_supported: bool) -> Pat
 
 def load_deepspeed_config(path: str | Path) -> dict:
     try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpanqaError(f"--deepspeed_config: {path}: {err}") from err
+        config = read_json(path, "DeepSpeed config")
+    except SpanqaError as err:
+        raise SpanqaError(f"--deepspeed_config: {err}") from None
     if not isinstance(config, dict):
         raise SpanqaError(f"--deepspeed_config: {path}: must be a JSON object")
     if "auto" in json.dumps(config):

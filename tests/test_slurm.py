@@ -192,13 +192,7 @@ class FinishedJob:
 def preempted_run(workspace) -> FinishedJob:
     """The one-node job, preempted with `scancel --signal=USR1 --batch` after 3 optimizer steps."""
     cluster = workspace.cluster
-    out = workspace.root / "runs" / "preempted"
-    job_id = cluster.sbatch(
-        *workspace.sbatch_options("preempted"), "--nodes=1", "--ntasks=2", TRAIN,
-        *workspace.flags, "--num_train_epochs", LONG_EPOCHS, "--tag", "preempted", "--output_dir", str(out),
-        env=workspace.env,
-    )  # fmt: skip
-    wait_for_steps(cluster, job_id, out, steps=3, timeout=JOB_TIMEOUT)
+    job_id, out = long_run_after_steps(workspace, "preempted", ["--nodes=1", "--ntasks=2"], steps=3)
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     records = cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
     return FinishedJob(job_id, records, out, workspace.log_of("preempted", job_id))
@@ -235,13 +229,7 @@ def test_preempted_attempt_exits_cleanly_and_keeps_its_metrics(workspace, one_no
 
 def test_scancel_cancels_for_good_and_keeps_a_checkpoint(workspace):
     cluster = workspace.cluster
-    out = workspace.root / "runs" / "cancelled"
-    job_id = cluster.sbatch(
-        *workspace.sbatch_options("cancelled"), "--ntasks=1", TRAIN,
-        *workspace.flags, "--num_train_epochs", LONG_EPOCHS, "--tag", "cancelled", "--output_dir", str(out),
-        env=workspace.env,
-    )  # fmt: skip
-    wait_for_steps(cluster, job_id, out, steps=2, timeout=JOB_TIMEOUT)
+    job_id, out = long_run_after_steps(workspace, "cancelled", ["--ntasks=1"], steps=2)
     cluster.run("scancel", job_id)  # what a user types
     ended_or_back = lambda rec: rec["JobState"] in FINAL_STATES or rec["Restarts"] != "0"  # noqa: E731
     record = wait_until(cluster, job_id, ended_or_back)
@@ -254,6 +242,19 @@ def test_scancel_cancels_for_good_and_keeps_a_checkpoint(workspace):
     assert list((out / "checkpoints").glob("step-*/complete")), log
     assert "scontrol requeue" not in log, log
     assert the_run(workspace, "cancelled", out).info.status == "KILLED", log
+
+
+def long_run_after_steps(workspace: Workspace, name: str, tasks: list[str], steps: int) -> tuple[str, Path]:
+    """Submit a LONG_EPOCHS training job tagged `name` and return (job id, output dir) once it has
+    logged `steps` optimizer steps (cancelled, and the test failed, if it never does)."""
+    out = workspace.root / "runs" / name
+    job_id = workspace.cluster.sbatch(
+        *workspace.sbatch_options(name), *tasks, TRAIN,
+        *workspace.flags, "--num_train_epochs", LONG_EPOCHS, "--tag", name, "--output_dir", str(out),
+        env=workspace.env,
+    )  # fmt: skip
+    wait_for_steps(workspace.cluster, job_id, out, steps=steps, timeout=JOB_TIMEOUT)
+    return job_id, out
 
 
 def wait_until(cluster: SlurmCluster, job_id: str, predicate, timeout: float = 120) -> dict[str, str]:

@@ -39,12 +39,13 @@ def main(argv: list[str]) -> int:
     try:
         trainer = Trainer(config, env)
         outcome = trainer.train(preemption)
-        if outcome in ("preempted", "requeue"):
+        stopped_by_signal = outcome in ("preempted", "requeue")
+        if stopped_by_signal:
             # Saved; the job is ending. SLURM SIGTERMs every task again (after a requeue, too), and
             # Python puts back the default handler while the interpreter shuts down: SIG_IGN stays,
             # so that a clean exit is not turned into 143 (SLURM still SIGKILLs a hung rank).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        trainer.close("KILLED" if outcome in ("preempted", "requeue") else "FINISHED")
+        trainer.close("KILLED" if stopped_by_signal else "FINISHED")
         if outcome == "requeue":
             trainer.requeue()
     finally:
