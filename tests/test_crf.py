@@ -9,6 +9,7 @@ import torch
 import torchcrf
 
 from spanqa.errors import SpanqaError
+from spanqa.model import crf as crf_module
 from spanqa.model.crf import (
     CRF,
     TAG_B,
@@ -72,9 +73,13 @@ def brute_force(crf: CRF, emissions: torch.Tensor, mask: torch.Tensor):
 
 
 @pytest.mark.parametrize("num_tags", [3, 5])
-@pytest.mark.parametrize("batch,length,seed", [(1, 1, 0), (4, 2, 1), (5, 7, 2), (6, 33, 3), (3, 100, 4)])
-def test_matches_pytorch_crf_on_prefix_masks(num_tags, batch, length, seed):
+@pytest.mark.parametrize(
+    "batch,length,seed", [(1, 1, 0), (4, 2, 1), (5, 7, 2), (2, 16, 5), (6, 33, 3), (3, 64, 6), (3, 100, 4)]
+)
+def test_matches_pytorch_crf_on_prefix_masks(num_tags, batch, length, seed, monkeypatch):
     ref, ours = make_pair(num_tags, seed)
+    # random float64 scores have no ties: the max-marginal path must be right without the fallback
+    monkeypatch.setattr(CRF, "_backtrack", lambda *args: pytest.fail("the backpointer fallback ran"))
     gen = torch.Generator().manual_seed(seed)
     emissions = torch.randn(batch, length, num_tags, generator=gen, dtype=torch.float64) * 3
     tags = torch.randint(0, num_tags, (batch, length), generator=gen)
@@ -347,6 +352,36 @@ def test_viterbi_never_stitches_two_tied_best_paths():
     assert score.item() == 0.0
     assert path[0].tolist() in ([1, 2], [2, 1])
     torch.testing.assert_close(crf.gold_score(emissions, path), score)
+
+
+@pytest.mark.parametrize(
+    "semiring",
+    [
+        ("max", crf_module._max_matmul, crf_module._max_vecmat, crf_module._max_matvec, torch.amax),
+        ("log", crf_module._log_matmul, crf_module._log_vecmat, crf_module._log_matvec, torch.logsumexp),
+    ],
+    ids=lambda s: s[0],
+)
+def test_tree_sweeps_match_sequential_scans(semiring):
+    # every tree shape: lengths that pad at some levels, powers of two, a single position
+    _, matmul, vecmat, matvec, reduce = semiring
+    k, batch = 3, 2
+    for length in [*range(1, 34), 64]:
+        m = torch.randn(
+            k, k, length, batch, dtype=torch.float64, generator=torch.Generator().manual_seed(length)
+        )
+        levels, total = crf_module._up_sweep(m, matmul)
+        row0 = crf_module._row_zero(k, batch, m.dtype, m.device)
+        entering = crf_module._prefix_down_sweep(levels, row0, vecmat)
+        leaving = crf_module._suffix_down_sweep(levels, torch.zeros(k, 1, batch, dtype=m.dtype), matvec)
+        v, w = row0[:, 0], torch.zeros(k, batch, dtype=m.dtype)
+        for t in range(length):  # the sequential reference, both ways
+            torch.testing.assert_close(entering[:, t], v, msg=f"prefix, length {length}, t {t}")
+            v = reduce(v.unsqueeze(1) + m[:, :, t], 0)
+            s = length - 1 - t
+            torch.testing.assert_close(leaving[:, s], w, msg=f"suffix, length {length}, t {s}")
+            w = reduce(m[:, :, s] + w.unsqueeze(0), 1)
+        torch.testing.assert_close(total[0, :, 0], v, msg=f"total, length {length}")
 
 
 @pytest.mark.parametrize("trans_scale", [10.0, 20.0])

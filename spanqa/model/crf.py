@@ -122,7 +122,7 @@ def _log_matvec(a: Tensor, w: Tensor) -> Tensor:
 
 def _max_matmul(a: Tensor, b: Tensor) -> Tensor:
     """[K, K, ...] x [K, K, ...] in the max-plus semiring: c[i, k] = max_j a[i, j] + b[j, k]."""
-    return (a.transpose(0, 1).unsqueeze(2) + b.unsqueeze(1)).amax(0)
+    return (a.unsqueeze(2) + b.unsqueeze(0)).amax(1)  # [i, j, k, ...]: no transposed view needed
 
 
 def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
@@ -130,7 +130,11 @@ def _max_vecmat(v: Tensor, a: Tensor) -> Tensor:
 
 
 def _max_matvec(a: Tensor, w: Tensor) -> Tensor:
-    return (a.transpose(0, 1) + w.unsqueeze(1)).amax(0)
+    return (a + w.unsqueeze(0)).amax(1)
+
+
+def _interleave(x: Tensor, y: Tensor, dim: int) -> Tensor:
+    return torch.stack([x, y], dim=dim + 1).flatten(dim, dim + 1)
 
 
 def _argmax_into(v: Tensor, trans: Tensor) -> Tensor:
@@ -164,42 +168,53 @@ def _row_zero(k: int, batch: int, dtype: torch.dtype, device: torch.device) -> T
 
 # ----------------------------------------------------------------------------- log-space tree
 # (Viterbi in the max-plus semiring; log Z when the scaled scan below cannot guarantee exactness)
-def _up_sweep(m: Tensor, matmul) -> tuple[list[Tensor], Tensor]:
-    """Pairwise products level by level over dim 2 of [K, K, L, B]; returns the (even-padded)
-    levels and the [K, K, 1, B] total."""
+def _up_sweep(m: Tensor, matmul) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Pairwise products level by level over dim 2 of [K, K, L, B]; returns each (even-padded)
+    level as its (left, right) children [K, K, L/2, B] and the [K, K, 1, B] total."""
     k, _, _, batch = m.shape
     levels = []
     while m.shape[2] > 1:
         if m.shape[2] % 2:
             eye = _log_identity(k, m.dtype, m.device).view(k, k, 1, 1).expand(k, k, 1, batch)
             m = torch.cat([m, eye], dim=2)
-        levels.append(m)
-        m = matmul(m[:, :, 0::2], m[:, :, 1::2])
+        left, right = m[:, :, 0::2], m[:, :, 1::2]
+        levels.append((left, right))
+        m = matmul(left, right)
     return levels, m
 
 
-def _prefix_down_sweep(levels: list[Tensor], top_in: Tensor, vecmat) -> Tensor:
-    """Vector entering each level-0 element: top_in ⊗ M_1 ⋯ M_{t-1}, as [K, L_padded, B]."""
-    v = top_in
-    for child in reversed(levels):
-        half = child.shape[2] // 2
-        if v.shape[1] > half:
-            v = v[:, :half]  # drop the odd-padding identity of the level above
-        right = vecmat(v, child[:, :, 0::2])
-        v = torch.stack([v, right], dim=2).flatten(1, 2)
-    return v
+# The down-sweeps write into one [K, span, B] array, span = 2^levels: a node of level h covers the
+# positions [s 2^h, (s + 1) 2^h) (its padding past T included), and the vector entering it is the one
+# entering its first position, the vector leaving it the one leaving its last. So a node's left child
+# shares its entering vector and its right child its leaving one, and each level writes only the
+# other child's vector, into a strided view: no interleaving copies, no growing arrays. (The results
+# are computed contiguous and then copied: a reduction written straight into a strided view is
+# several times slower on CPU.)
+def _prefix_down_sweep(levels: list[tuple[Tensor, Tensor]], top_in: Tensor, vecmat) -> Tensor:
+    """Vector entering each position, top_in ⊗ M_0 ⋯ M_{t-1}, as [K, span + 1, B] (span >= T; the
+    last index is left for the caller: the vector past the end)."""
+    k, _, batch = top_in.shape
+    step = 2 ** len(levels)
+    out = top_in.new_empty(k, step + 1, batch)
+    out[:, :1] = top_in
+    for left, _ in reversed(levels):
+        end, half = left.shape[2] * step, step // 2
+        out[:, half:end:step] = vecmat(out[:, 0:end:step], left)  # entering each right child
+        step = half
+    return out
 
 
-def _suffix_down_sweep(levels: list[Tensor], top_out: Tensor, matvec) -> Tensor:
-    """Vector leaving each level-0 element: M_{t+1} ⋯ M_T ⊗ top_out, as [K, L_padded, B]."""
-    w = top_out
-    for child in reversed(levels):
-        half = child.shape[2] // 2
-        if w.shape[1] > half:
-            w = w[:, :half]
-        left = matvec(child[:, :, 1::2], w)
-        w = torch.stack([left, w], dim=2).flatten(1, 2)
-    return w
+def _suffix_down_sweep(levels: list[tuple[Tensor, Tensor]], top_out: Tensor, matvec) -> Tensor:
+    """Vector leaving each position, M_{t+1} ⋯ M_{T-1} ⊗ top_out, as [K, span, B] (span >= T)."""
+    k, _, batch = top_out.shape
+    step = 2 ** len(levels)
+    out = top_out.new_empty(k, step, batch)
+    out[:, -1:] = top_out
+    for _, right in reversed(levels):
+        end, half = right.shape[2] * step, step // 2
+        out[:, half - 1 : end : step] = matvec(right, out[:, step - 1 : end : step])  # leaving left
+        step = half
+    return out
 
 
 # ----------------------------------------------------------------------------- scaled sum-product tree
@@ -235,10 +250,6 @@ def _scaled_up_sweep(p: Tensor, s: Tensor) -> tuple[list[tuple[Tensor, Tensor]],
         levels.append((p, s))
         p, s = _rescale(_matmul(p[:, :, 0::2], p[:, :, 1::2]), s[0::2] + s[1::2], (0, 1))
     return levels, p, s
-
-
-def _interleave(x: Tensor, y: Tensor, dim: int) -> Tensor:
-    return torch.stack([x, y], dim=dim + 1).flatten(dim, dim + 1)
 
 
 def _scaled_alpha(levels: list[tuple[Tensor, Tensor]], p0: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,8 +297,8 @@ def _pairwise_marginals(p: Tensor, s: Tensor, levels: list, log_z: Tensor) -> Te
 
 
 # position kinds: which [K, K] block a position's chain matrix starts from. They travel as one-hot
-# floats [3, T, B], so that picking the block is a (tiny, exact) matrix product, much faster on CPU
-# than indexing, and the gradient of the blocks is one too.
+# floats [3, T, B], so that picking the block is a few exact multiply-adds (or a tiny matrix
+# product), much faster on CPU than indexing, and the gradient of the blocks is a matrix product.
 _INNER, _FIRST, _MASKED = 0, 1, 2
 
 
@@ -301,8 +312,11 @@ def _kind_table(start: Tensor, trans: Tensor) -> Tensor:
 def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
     """Log-space M [K, K, T, B] = table[kind] + emit[None] (emit [K, T, B] is 0 at masked positions)."""
     k = table.shape[1]
-    columns = table.reshape(3, k * k).t()  # [K*K, 3]: one column per kind
-    return (columns @ kind.view(3, -1)).view(k, k, *kind.shape[1:]).add_(emit.unsqueeze(0))
+    # a multiply-add per kind (0 x log 0 is 0): cheaper than a matrix product with a 3-long inner dim
+    m = torch.addcmul(emit.unsqueeze(0), table[0].view(k, k, 1, 1), kind[0])
+    for block, flags in zip(table[1:], kind[1:], strict=True):
+        m.addcmul_(block.view(k, k, 1, 1), flags)
+    return m
 
 
 def _log_pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
@@ -348,24 +362,36 @@ def _marginals_from(saved: list[Tensor], scaled: bool, log_z: Tensor) -> Tensor:
 
 
 def _chain_inputs(
-    emissions: Tensor, start: Tensor, end: Tensor, trans: Tensor, active: Tensor, first: Tensor, last: Tensor
+    emissions: Tensor, start: Tensor, end: Tensor, trans: Tensor, active: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(emit [K, T, B], kind table [3, K, K], one-hot kinds [3, T, B]) from which the chain matrices
     are built (see `_chain_from`); emit is the emissions, + end at the last active position, 0 where
     masked."""
     k = trans.shape[0]
-    active, first, last = active.t(), first.t(), last.t()  # [T, B]: the positions-last layout
-    # arithmetic with 0/1 floats rather than where/masked_fill: several times faster on CPU
-    emit = (end.view(k, 1, 1) * last.to(end.dtype)).add_(emissions.permute(2, 1, 0))
-    emit *= active.to(emit.dtype)
-    first = first.to(emit.dtype)
-    kind = torch.stack([active.to(emit.dtype) - first, first, 1.0 - active.to(emit.dtype)])
+    # [T, B] and [K, T, B], made contiguous once: an op whose inputs are transposed views runs with
+    # strided inner loops (and hands that layout on to its result), several times slower on CPU
+    dense = torch.contiguous_format
+    active = active.t().to(emissions.dtype, memory_format=dense)
+    first, last = _first_and_last(active)
+    emit = emissions.permute(2, 1, 0).clone(memory_format=dense)  # a copy: it is written in place
+    emit.addcmul_(end.view(k, 1, 1), last).mul_(active)
+    kind = torch.stack([active - first, first, 1.0 - active])
     return emit, _kind_table(start, trans), kind
+
+
+def _first_and_last(active: Tensor) -> tuple[Tensor, Tensor]:
+    """0/1 flags [T, B] of the first and the last active position, from 0/1 floats `active` [T, B]."""
+    # arithmetic with 0/1 floats rather than comparisons, where or masked_fill: several times faster
+    # on CPU. With c the running count of active positions, the first has c = 1 and the last c = n.
+    count = active.cumsum(0)
+    first = (2.0 - count).clamp_(min=0.0).mul_(active)
+    last = (count - count[-1:]).add_(1.0).clamp_(min=0.0).mul_(active)
+    return first, last
 
 
 class _LogPartition(torch.autograd.Function):
     """log Z [B] with the forward-backward marginals as the hand-written gradient, from the prepared
-    emissions [B, T, K], start, end, transitions and the active/first/last flags [B, T].
+    emissions [B, T, K], start, end, transitions and the active flags [B, T].
 
     Building the chain inside the function keeps those few dozen small ops off the autograd graph:
     their gradient is a handful of sums of the marginals."""
@@ -373,11 +399,10 @@ class _LogPartition(torch.autograd.Function):
     # Both passes run in inference mode (see `_INFERENCE`); the scan's intermediates, made there,
     # are kept on ctx (inference tensors cannot go through save_for_backward) and never modified.
     @staticmethod
-    def forward(ctx, emissions, start, end, trans, active, first, last) -> Tensor:
+    def forward(ctx, emissions, start, end, trans, active) -> Tensor:
         with torch.inference_mode():
-            emit, table, ctx.kind = _chain_inputs(emissions, start, end, trans, active, first, last)
+            emit, table, ctx.kind = _chain_inputs(emissions, start, end, trans, active)
             ctx.log_z, ctx.scaled, ctx.scan = _sum_product(emit, table, ctx.kind)
-            ctx.last = last.t().to(emit.dtype)
         return ctx.log_z.clone()
 
     @staticmethod
@@ -389,12 +414,14 @@ class _LogPartition(torch.autograd.Function):
             k = g.shape[0]
             g *= grad_log_z.to(g.dtype)
             # masked positions carry the state through an identity: they are not part of the model
-            grad_emit = _sum_rows(g).mul_(1.0 - kind[_MASKED])  # [K, T, B]
+            active = 1.0 - kind[_MASKED]
+            grad_emit = _sum_rows(g).mul_(active)  # [K, T, B]
             grad_table = (g.view(k * k, -1) @ kind.view(3, -1).t()).view(k, k, 3)
-            grad_end = (grad_emit * ctx.last).sum((1, 2))  # end is added at the last position
+            _, last = _first_and_last(active)
+            grad_end = (grad_emit * last).sum((1, 2))  # end is added at the last position
             grad_start = grad_table[:, :, _FIRST].sum(0)  # start fills every row of its block
             grads = (grad_emit.permute(2, 1, 0), grad_start, grad_end, grad_table[:, :, _INNER])
-        return *(x.clone(memory_format=torch.contiguous_format) for x in grads), None, None, None
+        return *(x.clone(memory_format=torch.contiguous_format) for x in grads), None
 
 
 def _sum_rows(g: Tensor) -> Tensor:
@@ -408,15 +435,6 @@ def _sum_rows(g: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the module
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _mask_positions(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """active, first active and last active position flags [B, T]."""
-    active = mask.bool()
-    count = active.cumsum(1)
-    first = active & (count == 1)
-    last = active & (count == count[:, -1:])
-    return active, first, last
 
 
 def _use_triton(emissions: Tensor) -> bool:
@@ -455,7 +473,8 @@ class CRF(nn.Module):
         return f"num_tags={self.num_tags}"
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, emissions: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _prepare(self, emissions: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Emissions in the compute dtype, clipped, and the active flags [B, T] (bool)."""
         if emissions.dim() != 3 or emissions.size(2) != self.num_tags:
             raise ValueError(f"emissions must be [B, T, {self.num_tags}], got {tuple(emissions.shape)}")
         if mask is None:
@@ -464,8 +483,7 @@ class CRF(nn.Module):
             raise ValueError(f"mask {tuple(mask.shape)} does not match emissions {tuple(emissions.shape)}")
         dtype = _compute_dtype(emissions, self.transitions)
         emissions = emissions.to(dtype).clamp(-_EMISSION_LIMIT, _EMISSION_LIMIT)
-        active, first, last = _mask_positions(mask)
-        return emissions, active, first, last
+        return emissions, mask.bool()
 
     def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         # -inf transitions (hard constraints) become NEG so that the scan never sees inf - inf
@@ -475,30 +493,28 @@ class CRF(nn.Module):
             self.transitions.to(dtype).clamp(min=NEG),
         )
 
-    def _chain_inputs(
-        self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _chain_inputs(emissions, *self._params(emissions.dtype), active, first, last)
+    def _chain_inputs(self, emissions: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _chain_inputs(emissions, *self._params(emissions.dtype), active)
 
-    def _chain_matrices(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor) -> Tensor:
-        return _chain_from(*self._chain_inputs(emissions, active, first, last))
+    def _chain_matrices(self, emissions: Tensor, active: Tensor) -> Tensor:
+        return _chain_from(*self._chain_inputs(emissions, active))
 
     # ------------------------------------------------------------------ public API
     def log_partition(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
         """log Z [B] (0 for a row with no active position)."""
-        emissions, active, first, last = self._prepare(emissions, mask)
+        emissions, active = self._prepare(emissions, mask)
         if _use_triton(emissions):
             from spanqa.model import crf_triton
 
             return crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
-        return _LogPartition.apply(emissions, *self._params(emissions.dtype), active, first, last)
+        return _LogPartition.apply(emissions, *self._params(emissions.dtype), active)
 
     def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised score [B] of the given tag sequences over the active positions."""
-        emissions, active, first, last = self._prepare(emissions, mask)
-        return self._gold_score(emissions, tags, active, last, self._params(emissions.dtype))
+        emissions, active = self._prepare(emissions, mask)
+        return self._gold_score(emissions, tags, active, self._params(emissions.dtype))
 
-    def _gold_score(self, emissions, tags, active, last, params: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def _gold_score(self, emissions, tags, active, params: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         batch, length, k = emissions.shape
         start, end, trans = params
         tags = torch.where(active, tags.long(), 0)
@@ -506,6 +522,7 @@ class CRF(nn.Module):
         positions = torch.arange(length, device=tags.device).expand(batch, length)
         latest = torch.where(active, positions, -1).cummax(dim=1).values
         previous = torch.cat([latest.new_full((batch, 1), -1), latest[:, :-1]], dim=1)
+        last = active & (positions == latest[:, -1:])
         tags_before = tags.gather(1, previous.clamp(min=0))
         # count the transitions, start and end tags the path takes: the score is counts · weights,
         # whose gradient is a matrix product (indexing the weights would backpropagate through a
@@ -525,15 +542,15 @@ class CRF(nn.Module):
             raise ValueError(f"invalid reduction: {reduction}")
         if tags.shape != emissions.shape[:2]:
             raise ValueError(f"tags {tuple(tags.shape)} do not match emissions {tuple(emissions.shape)}")
-        emissions, active, first, last = self._prepare(emissions, mask)
+        emissions, active = self._prepare(emissions, mask)
         params = self._params(emissions.dtype)  # once: each clamp is an autograd node
         if _use_triton(emissions):
             from spanqa.model import crf_triton
 
             log_z = crf_triton.log_partition(emissions, active, *params)
         else:
-            log_z = _LogPartition.apply(emissions, *params, active, first, last)
-        llh = self._gold_score(emissions, tags, active, last, params) - log_z
+            log_z = _LogPartition.apply(emissions, *params, active)
+        llh = self._gold_score(emissions, tags, active, params) - log_z
         if reduction == "none":
             return llh
         if reduction == "sum":
@@ -545,69 +562,70 @@ class CRF(nn.Module):
     @torch.no_grad()
     def marginals(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
         """p(y_t = j) [B, T, num_tags]; 0 at masked positions."""
-        emissions, active, first, last = self._prepare(emissions, mask)
+        emissions, active = self._prepare(emissions, mask)
         if _use_triton(emissions):
             from spanqa.model import crf_triton
 
             return crf_triton.marginals(emissions, active, *self._params(emissions.dtype))
         with torch.inference_mode():  # see `_INFERENCE`
-            log_z, scaled, saved = _sum_product(*self._chain_inputs(emissions, active, first, last))
+            log_z, scaled, saved = _sum_product(*self._chain_inputs(emissions, active))
             marginals = _sum_rows(_marginals_from(saved, scaled, log_z)).permute(2, 1, 0)
         return marginals.masked_fill(~active.unsqueeze(-1), 0.0)
 
     @torch.no_grad()
     def viterbi(self, emissions: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Best path score [B] and tags [B, T] (0 at masked positions; score 0 for an empty row)."""
-        emissions, active, first, last = self._prepare(emissions, mask)
+        emissions, active = self._prepare(emissions, mask)
         if _use_triton(emissions):
             from spanqa.model import crf_triton
 
             return crf_triton.viterbi(emissions, active, *self._params(emissions.dtype))
         with torch.inference_mode():  # see `_INFERENCE`
-            score, tags = self._viterbi_torch(emissions, active, first, last)
+            score, tags = self._viterbi_torch(emissions, active)
         return score.clone(), tags.clone()
 
-    def _viterbi_torch(self, emissions: Tensor, active: Tensor, first: Tensor, last: Tensor):
+    def _viterbi_torch(self, emissions: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """Max-marginals: with the max-plus prefix (through t) and suffix (after t) of every tag, the
         best path takes, at each position, the tag whose best path through it is best. On exact or
         rounding-level ties that can stitch two best paths into a worse one, so the stitched path is
         checked against the optimum, and on failure the backpointer scan (exact, consistent) runs."""
         batch, length, k = emissions.shape
-        m = self._chain_matrices(emissions, active, first, last)
+        m = self._chain_matrices(emissions, active)
         levels, total = _up_sweep(m, _max_matmul)
         final = total[0, :, 0]  # [K, B]: best score of a full path ending in each tag
         score = final.amax(0)
         row0 = _row_zero(k, batch, m.dtype, m.device)
         entering = _prefix_down_sweep(levels, row0, _max_vecmat)  # best score before t, [K, L, B]
+        entering[:, length] = final
         zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
         leaving = _suffix_down_sweep(levels, zeros, _max_matvec)[:, :length]  # best after t
-        through = torch.cat([entering[:, 1:], final.unsqueeze(1)], dim=1)[:, :length]
+        through = entering[:, 1 : length + 1] + leaving  # best score of a path through each tag
         # [T, B]; masked positions get the tag the identity carries through them (when no tie)
-        tags = _argmax0(through.add_(leaving))
-        # its score through the chain matrices: a masked position that breaks the carry reads log 0
-        previous = torch.cat([tags.new_zeros(1, batch), tags[:-1]])
-        steps = m.view(k * k, length, batch).gather(0, (previous * k + tags).unsqueeze(0))
-        path_score = steps.sum((0, 1))
+        tags = _argmax0(through)
         tolerance = (1.0 + score.abs()) * (1e-5 if emissions.dtype != torch.float64 else 1e-12)
-        if bool((path_score >= score - tolerance).all()):
+        if _path_score(m, tags).ge_(score - tolerance).all():
             return score, torch.where(active, tags.t(), 0)
-        return score, self._backtrack(emissions, active, first, levels, entering[:, :length], final)
+        return score, self._backtrack(emissions, active, entering[:, :length], final)
 
-    def _backtrack(self, emissions, active, first, levels, entering, final) -> Tensor:
+    def _backtrack(self, emissions: Tensor, active: Tensor, entering: Tensor, final: Tensor) -> Tensor:
         """Exact backpointer path: y_{t-1} = bp_t(y_t), composed by a doubling scan over index maps."""
         batch, length, k = emissions.shape
         _, _, trans = self._params(emissions.dtype)
         pointers = _argmax_into(entering, trans)  # [K, T, B]: y_{t-1} = pointers[y_t, t]
         identity = torch.arange(k, device=emissions.device).view(k, 1, 1).expand(k, length, batch)
-        pointers = torch.where((active & ~first).t(), pointers, identity)
+        after_first = active & (active.cumsum(1) > 1)  # active positions with an active predecessor
+        pointers = torch.where(after_first.t(), pointers, identity)
         tags = _follow_pointers(pointers, _argmax0(final)).t()
         return torch.where(active, tags, 0)
 
     def decode(self, emissions: Tensor, mask: Tensor | None = None) -> list[list[int]]:
         """pytorch-crf's list form: the best tags over each row's active positions."""
         _, tags = self.viterbi(emissions, mask)
-        active = torch.ones_like(tags, dtype=torch.bool) if mask is None else mask.bool()
-        flat = tags.masked_select(active).cpu().numpy().tolist()  # faster than Tensor.tolist
+        tags = tags.cpu().numpy()  # numpy's indexing and tolist are faster than torch's
+        if mask is None:
+            return tags.tolist()
+        active = mask.bool().cpu().numpy()
+        flat = tags[active].tolist()
         paths, offset = [], 0
         for n in active.sum(1).tolist():
             paths.append(flat[offset : offset + n])
@@ -616,11 +634,24 @@ class CRF(nn.Module):
 
 
 def _argmax0(x: Tensor) -> Tensor:
-    """argmax over dim 0, the first index on ties, as the number of leading entries below the
-    maximum: float ops only (torch's argmax over a small leading dim, and masked_fill, are many
-    times slower on CPU)."""
-    below = (x.amax(0) - x[:-1]).sign_()  # 1 below the maximum, 0 at it
-    return below.cumprod(0).sum(0).long()
+    """argmax over dim 0, the first index on ties: with b_i = 1 where x[i] is below the maximum and
+    0 at it, the index is b_0 + b_0 b_1 + b_0 b_1 b_2 + ..., summed from the inside out. Float ops
+    only: torch's argmax over a small leading dim, cumprod and masked_fill are many times slower
+    on CPU."""
+    below = (x.amax(0) - x[:-1]).sign_()  # [K-1, ...]
+    index = below[-1]
+    for i in range(below.shape[0] - 2, -1, -1):
+        index = (index + 1.0).mul_(below[i])
+    return index.long()
+
+
+def _path_score(m: Tensor, tags: Tensor) -> Tensor:
+    """Score [B] of the path `tags` [T, B] through the chain matrices [K, K, T, B] (from tag 0 before
+    the first position; a masked position that breaks the carry reads log 0)."""
+    k, _, length, batch = m.shape
+    previous = torch.cat([tags.new_zeros(1, batch), tags[:-1]])
+    steps = m.view(k * k, length, batch).gather(0, torch.add(tags, previous, alpha=k).unsqueeze(0))
+    return steps.sum((0, 1))
 
 
 def _compose(outer: Tensor, inner: Tensor) -> Tensor:
@@ -698,7 +729,7 @@ def span_log_probs(
     if max_answer_length < 1:
         raise SpanqaError(f"span_candidates: max_answer_length={max_answer_length}: must be at least 1")
     log_z = crf.log_partition(emissions, context_mask)
-    emissions, _, _, _ = crf._prepare(emissions, context_mask)
+    emissions, _ = crf._prepare(emissions, context_mask)
     start, end, trans = crf._params(emissions.dtype)
     batch, length, _ = emissions.shape
     first, last, n = _context_bounds(context_mask)
