@@ -319,7 +319,7 @@ def _chain_from(emit: Tensor, table: Tensor, kind: Tensor) -> Tensor:
     return m
 
 
-def _log_pairwise_marginals(m: Tensor, levels: list[Tensor], log_z: Tensor) -> Tensor:
+def _log_pairwise_marginals(m: Tensor, levels: list[tuple[Tensor, Tensor]], log_z: Tensor) -> Tensor:
     """The log-space counterpart of `_pairwise_marginals` (m: log chain matrices)."""
     k, _, length, batch = m.shape
     zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
@@ -595,8 +595,8 @@ class CRF(nn.Module):
         final = total[0, :, 0]  # [K, B]: best score of a full path ending in each tag
         score = final.amax(0)
         row0 = _row_zero(k, batch, m.dtype, m.device)
-        entering = _prefix_down_sweep(levels, row0, _max_vecmat)  # best score before t, [K, L, B]
-        entering[:, length] = final
+        entering = _prefix_down_sweep(levels, row0, _max_vecmat)  # best score before t, [K, span+1, B]
+        entering[:, length] = final  # "before" the position past the end
         zeros = torch.zeros(k, 1, batch, dtype=m.dtype, device=m.device)
         leaving = _suffix_down_sweep(levels, zeros, _max_matvec)[:, :length]  # best after t
         through = entering[:, 1 : length + 1] + leaving  # best score of a path through each tag
