@@ -331,6 +331,17 @@ def test_constrained_decode_is_the_best_zero_or_one_span_path():
     assert (span_start[1].item(), span_end[1].item()) == (0, 0)
 
 
+def test_bad_shapes_are_refused_with_the_shapes_named():
+    crf = CRF(3)
+    with pytest.raises(ValueError, match=r"\[B, T, 3\], got \(2, 4, 5\)"):
+        crf.viterbi(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match=r"mask \(2, 3\) does not match emissions \(2, 4, 3\)"):
+        crf.log_partition(torch.randn(2, 4, 3), torch.ones(2, 3, dtype=torch.bool))
+    for call in (crf.viterbi, crf.log_partition, crf.marginals, crf.decode):
+        with pytest.raises(ValueError, match="no positions"):
+            call(torch.randn(2, 0, 3))
+
+
 def test_span_helpers_reject_bad_input():
     crf = CRF(5)
     with pytest.raises(SpanqaError, match="num_tags=5"):

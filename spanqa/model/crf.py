@@ -477,6 +477,8 @@ class CRF(nn.Module):
         """Emissions in the compute dtype, clipped, and the active flags [B, T] (bool)."""
         if emissions.dim() != 3 or emissions.size(2) != self.num_tags:
             raise ValueError(f"emissions must be [B, T, {self.num_tags}], got {tuple(emissions.shape)}")
+        if emissions.size(1) == 0:
+            raise ValueError(f"emissions {tuple(emissions.shape)} have no positions (T = 0)")
         if mask is None:
             mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
         if mask.shape != emissions.shape[:2]:
