@@ -381,8 +381,8 @@ def _chain_inputs(
 
 def _first_and_last(active: Tensor) -> tuple[Tensor, Tensor]:
     """0/1 flags [T, B] of the first and the last active position, from 0/1 floats `active` [T, B]."""
-    # arithmetic with 0/1 floats rather than comparisons, where or masked_fill: several times faster
-    # on CPU. With c the running count of active positions, the first has c = 1 and the last c = n.
+    # arithmetic with 0/1 floats rather than comparisons and bool products: about twice as fast on
+    # CPU. With c the running count of active positions, the first has c = 1 and the last c = n.
     count = active.cumsum(0)
     first = (2.0 - count).clamp_(min=0.0).mul_(active)
     last = (count - count[-1:]).add_(1.0).clamp_(min=0.0).mul_(active)
