@@ -133,10 +133,6 @@ def _max_matvec(a: Tensor, w: Tensor) -> Tensor:
     return (a + w.unsqueeze(0)).amax(1)
 
 
-def _interleave(x: Tensor, y: Tensor, dim: int) -> Tensor:
-    return torch.stack([x, y], dim=dim + 1).flatten(dim, dim + 1)
-
-
 def _argmax_into(v: Tensor, trans: Tensor) -> Tensor:
     """argmax_i v[i, ...] + trans[i, j] -> [K(j), ...], the first index on ties (as a sequential
     backtrack takes it)."""
@@ -252,6 +248,10 @@ def _scaled_up_sweep(p: Tensor, s: Tensor) -> tuple[list[tuple[Tensor, Tensor]],
     return levels, p, s
 
 
+def _interleave(x: Tensor, y: Tensor, dim: int) -> Tensor:
+    return torch.stack([x, y], dim=dim + 1).flatten(dim, dim + 1)
+
+
 def _scaled_alpha(levels: list[tuple[Tensor, Tensor]], p0: Tensor) -> tuple[Tensor, Tensor]:
     """Vector entering each level-0 element, e_0 M_1 ⋯ M_{t-1}, as ([K, L_padded, B], [L_padded, B])."""
     v = torch.zeros(p0.shape[0], 1, p0.shape[3], dtype=p0.dtype, device=p0.device)
@@ -363,10 +363,10 @@ def _marginals_from(saved: list[Tensor], scaled: bool, log_z: Tensor) -> Tensor:
 
 def _chain_inputs(
     emissions: Tensor, start: Tensor, end: Tensor, trans: Tensor, active: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(emit [K, T, B], kind table [3, K, K], one-hot kinds [3, T, B]) from which the chain matrices
-    are built (see `_chain_from`); emit is the emissions, + end at the last active position, 0 where
-    masked."""
+    are built (see `_chain_from`), and the last-position flags [T, B]; emit is the emissions, + end at
+    the last active position, 0 where masked."""
     k = trans.shape[0]
     # [T, B] and [K, T, B], made contiguous once: an op whose inputs are transposed views runs with
     # strided inner loops (and hands that layout on to its result), several times slower on CPU
@@ -376,7 +376,7 @@ def _chain_inputs(
     emit = emissions.permute(2, 1, 0).clone(memory_format=dense)  # a copy: it is written in place
     emit.addcmul_(end.view(k, 1, 1), last).mul_(active)
     kind = torch.stack([active - first, first, 1.0 - active])
-    return emit, _kind_table(start, trans), kind
+    return emit, _kind_table(start, trans), kind, last
 
 
 def _first_and_last(active: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,7 +401,7 @@ class _LogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emissions, start, end, trans, active) -> Tensor:
         with torch.inference_mode():
-            emit, table, ctx.kind = _chain_inputs(emissions, start, end, trans, active)
+            emit, table, ctx.kind, ctx.last = _chain_inputs(emissions, start, end, trans, active)
             ctx.log_z, ctx.scaled, ctx.scan = _sum_product(emit, table, ctx.kind)
         return ctx.log_z.clone()
 
@@ -414,11 +414,9 @@ class _LogPartition(torch.autograd.Function):
             k = g.shape[0]
             g *= grad_log_z.to(g.dtype)
             # masked positions carry the state through an identity: they are not part of the model
-            active = 1.0 - kind[_MASKED]
-            grad_emit = _sum_rows(g).mul_(active)  # [K, T, B]
+            grad_emit = _sum_rows(g).mul_(1.0 - kind[_MASKED])  # [K, T, B]
             grad_table = (g.view(k * k, -1) @ kind.view(3, -1).t()).view(k, k, 3)
-            _, last = _first_and_last(active)
-            grad_end = (grad_emit * last).sum((1, 2))  # end is added at the last position
+            grad_end = (grad_emit * ctx.last).sum((1, 2))  # end is added at the last position
             grad_start = grad_table[:, :, _FIRST].sum(0)  # start fills every row of its block
             grads = (grad_emit.permute(2, 1, 0), grad_start, grad_end, grad_table[:, :, _INNER])
         return *(x.clone(memory_format=torch.contiguous_format) for x in grads), None
@@ -495,11 +493,12 @@ class CRF(nn.Module):
             self.transitions.to(dtype).clamp(min=NEG),
         )
 
-    def _chain_inputs(self, emissions: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _chain_inputs(self, emissions: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _chain_inputs(emissions, *self._params(emissions.dtype), active)
 
     def _chain_matrices(self, emissions: Tensor, active: Tensor) -> Tensor:
-        return _chain_from(*self._chain_inputs(emissions, active))
+        emit, table, kind, _ = self._chain_inputs(emissions, active)
+        return _chain_from(emit, table, kind)
 
     # ------------------------------------------------------------------ public API
     def log_partition(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -570,7 +569,8 @@ class CRF(nn.Module):
 
             return crf_triton.marginals(emissions, active, *self._params(emissions.dtype))
         with torch.inference_mode():  # see `_INFERENCE`
-            log_z, scaled, saved = _sum_product(*self._chain_inputs(emissions, active))
+            emit, table, kind, _ = self._chain_inputs(emissions, active)
+            log_z, scaled, saved = _sum_product(emit, table, kind)
             marginals = _sum_rows(_marginals_from(saved, scaled, log_z)).permute(2, 1, 0)
         return marginals.masked_fill(~active.unsqueeze(-1), 0.0)
 
