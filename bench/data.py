@@ -7,7 +7,7 @@ Figures:
 - prepare_s: `spanqa.data.prepare.prepare` into an empty directory (parse + validate + tokenize + write),
   median of --repeats; hf_pair_call_s: for comparison, only the Hugging Face overflowing pair call of
   `run_qa.py` (truncation="only_second", stride, offsets) on the same questions, which writes nothing;
-- loader_windows_per_s: one epoch of `make_loader(store, 32, num_workers=0)` including the full collate
+- loader_windows_per_s: one epoch of training batches of 32 (`make_loader`, num_workers=0), full collate
   (padded torch tensors), median over --repeats epochs;
 - padding efficiency = real tokens / computed tokens (batch x padded length): bucketed batches of 32
   padded to a multiple of 8 (spanqa), random batches of 32 padded to their longest window, and every
@@ -28,10 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spanqa.data.loader import make_loader  # noqa: E402
+from spanqa.data.loader import make_loader, train_batches  # noqa: E402
 from spanqa.data.prepare import prepare  # noqa: E402
 from spanqa.data.squad import load_squad  # noqa: E402
-from spanqa.data.windows import load_tokenizer, quiet_transformers  # noqa: E402
+from spanqa.data.windows import WindowSettings, quiet_transformers  # noqa: E402
+from spanqa.io import load_tokenizer  # noqa: E402
 from spanqa.testing import minilm_dir, shared_squad2  # noqa: E402
 
 
@@ -40,11 +41,13 @@ def time_prepare(data_file: Path, tokenizer, settings: dict, repeats: int) -> tu
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            store = prepare(data_file, tokenizer, Path(tmp) / "store", progress=False, **settings)
+            store = prepare(
+                data_file, tokenizer, Path(tmp) / "store", WindowSettings(**settings), progress=False
+            )
             times.append(time.perf_counter() - start)
     # keep one store for the loader figures
     keep = Path(tempfile.mkdtemp()) / "store"
-    store = prepare(data_file, tokenizer, keep, progress=False, **settings)
+    store = prepare(data_file, tokenizer, keep, WindowSettings(**settings), progress=False)
     return statistics.median(times), store
 
 
@@ -68,10 +71,9 @@ def time_hf_pair_call(data_file: Path, tokenizer, settings: dict) -> float:
 
 def time_loader(store, batch_size: int, repeats: int) -> tuple[float, float]:
     """Median windows/s over `repeats` epochs, and the padding efficiency of the batches."""
-    loader, sampler = make_loader(store, batch_size, num_workers=0)
     rates, real, computed = [], 0, 0
     for epoch in range(repeats):
-        sampler.set_epoch(epoch)
+        loader = make_loader(store, train_batches(store.window_lengths, batch_size, 1, 0, 1, 0, epoch))
         n = 0
         start = time.perf_counter()
         for batch in loader:

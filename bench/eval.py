@@ -4,7 +4,7 @@
 
 Prepares the data file into a window store (MiniLM tokenizer, 384/128; cached under the temp dir and
 reused), draws random start/end logits for every window (fixed seed), then times, on the same logits:
-  vectorised  spanqa.eval.postprocess.span_candidates + select_answers (numpy over all windows)
+  vectorised  spanqa.eval.candidates.span_candidates + postprocess.select_answers (numpy, all windows)
   loop        transformers' run_qa postprocess_qa_predictions: for each question, for each of its windows,
               argsort the context logits, try the n_best starts × n_best ends in Python, keep a dict
               per valid pair, sort, cut the n_best texts
@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spanqa.data.prepare import prepare  # noqa: E402
-from spanqa.eval.postprocess import select_answers, span_candidates  # noqa: E402
+from spanqa.data.windows import WindowSettings  # noqa: E402
+from spanqa.eval.candidates import span_candidates  # noqa: E402
+from spanqa.eval.postprocess import select_answers  # noqa: E402
 from spanqa.eval.squad_metric import read_gold_questions, squad_v2_scores  # noqa: E402
 from spanqa.testing import minilm_dir, shared_squad2  # noqa: E402
 
@@ -174,9 +176,8 @@ def main(argv: list[str]) -> int:
         f"{Path(args.data_file).stem}-minilm-{args.max_seq_length}-{args.doc_stride}"
     )
     t0 = time.perf_counter()
-    store = prepare(
-        args.data_file, str(minilm_dir()), store_dir, args.max_seq_length, args.doc_stride, progress=False
-    )
+    settings = WindowSettings(args.max_seq_length, args.doc_stride)
+    store = prepare(args.data_file, str(minilm_dir()), store_dir, settings, progress=False)
     prepare_s = time.perf_counter() - t0
     golds = read_gold_questions(args.data_file)
     store.examples()  # parsed once and cached: no timed side pays for reading examples.jsonl

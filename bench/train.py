@@ -64,7 +64,7 @@ def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tenso
 
 def make_trainer(head: str, args: argparse.Namespace, prepared: Path, work: Path, env):
     from spanqa.config import parse_train_args
-    from spanqa.train.engine import Trainer
+    from spanqa.train.trainer import Trainer
 
     config = parse_train_args(
         [
@@ -109,9 +109,10 @@ def measure(name: str, trainer, batches: list[dict], warmup: int) -> dict:
 
 def prepare_store(args: argparse.Namespace, work: Path) -> Path:
     from spanqa.data.prepare import prepare
+    from spanqa.data.windows import WindowSettings
 
     prepared = work / "prepared"
-    prepare(args.data, str(args.model), prepared / "train", 384, 128, 64, progress=False)
+    prepare(args.data, str(args.model), prepared / "train", WindowSettings(384, 128, 64), progress=False)
     return prepared
 
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, work: Path, env) -> dict:
     prepared = prepare_store(args, work)
     span = make_trainer("span", args, prepared, work, env)
     n = args.warmup + args.steps
-    batches = [b for _, b in zip(range(n), span.loader, strict=False)]
+    batches = [b for _, b in zip(range(n), span.data.train_loader(epoch=0), strict=False)]
     if len(batches) < n:
         raise SpanqaError(f"--steps: the data has only {len(batches)} batches of {args.batch_size}")
     results = [measure("span, bucketed", span, batches, args.warmup)]

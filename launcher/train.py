@@ -11,19 +11,14 @@ Many nodes (no ssh between them under SLURM: one task per GPU started by srun, s
     torchrun --nnodes 2 --node_rank N --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \\
         launcher/train.py ...
 Resume after a stop or a preemption: the same command with `--resume auto`.
+Installed without this checkout (`pip install spanqa`), `python -m spanqa.train` is the same script
+(`deepspeed --module spanqa.train ...`, `torchrun -m spanqa.train ...`).
 
 Multi-process runs get OMP_NUM_THREADS=1 unless it is set (as torchrun does; the deepspeed launcher
 does not, and CPU ranks then oversubscribe the cores). `python launcher/train.py --help` lists the flags.
 """
 
-import sys
-
-from spanqa.errors import SpanqaError
-from spanqa.train.entry import main
+from spanqa.train.entry import run_script
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except SpanqaError as err:
-        print(f"launcher/train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script("launcher/train.py")

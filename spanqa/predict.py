@@ -9,33 +9,25 @@
 
 Inputs go through exactly the windows that training and evaluation use: they are written as a temporary
 SQuAD file and prepared into a temporary window store by `spanqa.data.prepare`, so long contexts are cut
-into the same overlapping windows with the model's own max_seq_length / doc_stride / max_query_length.
+into the same overlapping windows with the model's own window settings (spanqa_config.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spanqa import io
+from spanqa.data.squad import walk_questions
 from spanqa.errors import SpanqaError
-from spanqa.files import read_text
-
-# Used when an export's spanqa_config.json lacks a setting (the values of BERT's SQuAD recipe).
-DEFAULT_SETTINGS = {
-    "max_seq_length": 384,
-    "doc_stride": 128,
-    "max_query_length": 64,
-    "max_answer_length": 30,
-    "n_best_size": 20,
-    "null_threshold": 0.0,
-}
+from spanqa.export import ExportInfo
 
 
 @dataclass(frozen=True)
@@ -62,12 +54,12 @@ class Prediction:
 def read_questions(path: str | Path) -> list[Question]:
     """Questions from SQuAD JSON or JSON lines; SpanqaError naming the file and line/JSON path."""
     path = Path(path)
-    text = read_text(path, "questions file")
+    text = io.read_text(path, "questions file")
     if not text.strip():
         raise SpanqaError(f"{path}: empty file")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = None  # not one JSON document: JSON lines, or broken (json_lines says where)
     if isinstance(data, dict) and "data" in data:
         questions = squad_questions(data, str(path))
@@ -79,30 +71,12 @@ def read_questions(path: str | Path) -> list[Question]:
 
 
 def squad_questions(data: dict, source: str) -> list[Question]:
-    articles = data["data"]
-    if not isinstance(articles, list):
-        raise SpanqaError(f"{source}: data: expected a list of articles, got {type(articles).__name__}")
     questions = []
-    for a, article in enumerate(articles):
-        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
-        if not isinstance(paragraphs, list):
-            raise SpanqaError(f"{source}: data[{a}].paragraphs: expected a list")
-        for p, paragraph in enumerate(paragraphs):
-            at = f"data[{a}].paragraphs[{p}]"
-            if not isinstance(paragraph, dict):
-                raise SpanqaError(f"{source}: {at}: expected an object")
-            context = _text(paragraph, "context", source, at)
-            qas = paragraph.get("qas")
-            if not isinstance(qas, list):
-                raise SpanqaError(f"{source}: {at}.qas: expected a list")
-            for q, qa in enumerate(qas):
-                qat = f"{at}.qas[{q}]"
-                if not isinstance(qa, dict):
-                    raise SpanqaError(f"{source}: {qat}: expected an object")
-                qid = qa.get("id")
-                if not isinstance(qid, str) or not qid:
-                    raise SpanqaError(f"{source}: {qat}.id: expected a non-empty string")
-                questions.append(Question(qid, _text(qa, "question", source, qat), context))
+    for raw in walk_questions(data, source):
+        qid = raw.qa.get("id")
+        if not isinstance(qid, str) or not qid:
+            raise SpanqaError(f"{source}: {raw.at}.id: expected a non-empty string")
+        questions.append(Question(qid, _text(raw.qa, "question", source, raw.at), raw.context))
     return questions
 
 
@@ -113,9 +87,14 @@ def json_lines(text: str, source: str) -> list[Question]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
+            detail = (
+                f"{err.msg}, column {err.colno}"
+                if isinstance(err, json.JSONDecodeError)
+                else "nested too deeply"
+            )
             raise SpanqaError(
-                f"{source}: line {number}: not valid JSON ({err.msg}, column {err.colno}); "
+                f"{source}: line {number}: not valid JSON ({detail}); "
                 'expected SQuAD JSON or JSON lines of {"id", "question", "context"}'
             ) from None
         questions.append(_question(item, source, f"line {number}", f"line{number}"))
@@ -126,7 +105,7 @@ def _question(item: Any, source: str, at: str, default_id: str) -> Question:
     if not isinstance(item, dict):
         raise SpanqaError(f'{source}: {at}: expected an object with "question" and "context"')
     qid = item.get("id", default_id)
-    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or qid == "":
+    if not isinstance(qid, str | int) or isinstance(qid, bool) or qid == "":
         raise SpanqaError(f"{source}: {at}: id: expected a non-empty string")
     return Question(str(qid), _text(item, "question", source, at), _text(item, "context", source, at))
 
@@ -159,25 +138,19 @@ def predict(
     model: Any,
     tokenizer: Any,
     questions: list[Question],
-    settings: dict,
+    info: ExportInfo,
     batch_size: int = 32,
     device: str = "cpu",
 ) -> dict[str, Prediction]:
-    """Answers to `questions` from a loaded QAModel (see `spanqa.model.build.load_model`).
-
-    `settings`: the export's spanqa_config.json values (windows, max_answer_length, n_best_size,
-    null_threshold); missing ones fall back to DEFAULT_SETTINGS.
-    """
-    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
-    if settings.get("version_2_with_negative") is False:
-        settings["null_threshold"] = math.inf  # trained on SQuAD v1.1: always answer, as its evaluation did
+    """Answers to `questions` from a loaded model (see `spanqa.export.load_export`), through the
+    export's window and answer settings."""
     with tempfile.TemporaryDirectory(prefix="spanqa-predict-") as tmp:
-        store = prepare_store(questions, tokenizer, Path(tmp), settings)
-        cands, window_indices = run_windows(model, store, settings, batch_size, device)
-        return select(cands, window_indices, store, settings)
+        store = prepare_store(questions, tokenizer, Path(tmp), info)
+        inferred = run_windows(model, store, info, batch_size, device)
+        return select(inferred, store, info)
 
 
-def prepare_store(questions: list[Question], tokenizer: Any, tmp: Path, settings: dict):
+def prepare_store(questions: list[Question], tokenizer: Any, tmp: Path, info: ExportInfo):
     """The window store of `questions`, built by the same `prepare` as training data."""
     from spanqa.data.prepare import prepare
 
@@ -199,59 +172,35 @@ def prepare_store(questions: list[Question], tokenizer: Any, tmp: Path, settings
             }
         ],
     }
-    source = tmp / "questions.json"
-    source.write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
-    return prepare(
-        source,
-        tokenizer,
-        tmp / "store",
-        max_seq_length=int(settings["max_seq_length"]),
-        doc_stride=int(settings["doc_stride"]),
-        max_query_length=int(settings["max_query_length"]),
-        progress=False,
-    )
+    source = io.write_json(tmp / "questions.json", squad, indent=None)
+    return prepare(source, tokenizer, tmp / "store", info.windows, progress=False)
 
 
-def run_windows(model: Any, store: Any, settings: dict, batch_size: int, device: str):
-    """WindowCandidates of every window of `store` (in loader order) and the store index of each row."""
-    import numpy as np
+def run_windows(model: Any, store: Any, info: ExportInfo, batch_size: int, device: str):
+    """The answer candidates of every window of `store` (spanqa.eval.infer.Inferred)."""
     import torch
 
-    from spanqa.data.loader import make_loader
-    from spanqa.eval.candidates import WindowCandidates
+    from spanqa.data.loader import eval_batches, make_loader
+    from spanqa.eval.infer import infer_candidates
 
-    loader, _ = make_loader(store, batch_size, shuffle=False)
     model = model.to(device).eval()
-    parts, indices = [], []
+    loader = make_loader(store, eval_batches(store.window_lengths, batch_size))
+    answers = info.answers
     with torch.inference_mode():
-        for batch in loader:
-            indices.append(batch["window_index"].numpy())
-            inputs = {
-                name: batch[name].to(device)
-                for name in ("input_ids", "attention_mask", "token_type_ids", "context_mask")
-            }
-            outputs = model(**inputs)
-            parts.append(
-                model.candidates(
-                    outputs,
-                    inputs["context_mask"],
-                    n_best=int(settings["n_best_size"]),
-                    max_answer_length=int(settings["max_answer_length"]),
-                )
-            )
-    return WindowCandidates.concatenate(parts), np.concatenate(indices)
+        return infer_candidates(
+            model, model, loader, torch.device(device), answers.n_best_size, answers.max_answer_length
+        )
 
 
-def select(cands, window_indices, store, settings: dict) -> dict[str, Prediction]:
+def select(inferred, store, info: ExportInfo) -> dict[str, Prediction]:
     import numpy as np
 
     from spanqa.eval.postprocess import best_per_example, select_answers
 
     examples = store.examples()
-    answers, null_odds = select_answers(
-        cands, window_indices, store, null_threshold=float(settings["null_threshold"])
-    )
-    best = best_per_example(cands, window_indices, store, len(examples))
+    cands, indices = inferred.candidates, inferred.window_indices
+    answers, null_odds = select_answers(cands, indices, store, null_threshold=info.answers.null_threshold)
+    best = best_per_example(cands, indices, store, len(examples))
     windows = np.bincount(np.asarray(store.example_index, dtype=np.int64), minlength=len(examples))
     return {
         ex.id: Prediction(
@@ -314,19 +263,21 @@ def main(argv: list[str]) -> int:
     questions = questions_from_args(args)
     from transformers.utils import logging as transformers_logging
 
-    from spanqa.model.build import load_model
+    from spanqa.export import load_export
 
     transformers_logging.disable_progress_bar()  # a per-file "Loading weights" bar is noise here
-    model, tokenizer, settings = load_model(args.model)
+    model, tokenizer, info = load_export(args.model)
     if args.null_threshold is not None:
-        settings = {**settings, "null_threshold": args.null_threshold}
+        answers = dataclasses.replace(info.answers, null_score_diff_threshold=args.null_threshold)
+        info = dataclasses.replace(info, answers=answers)
     device = args.device or _default_device()
-    predictions = predict(model, tokenizer, questions, settings, args.batch_size, device)
+    predictions = predict(model, tokenizer, questions, info, args.batch_size, device)
     output = {qid: p.as_json() for qid, p in predictions.items()}
 
     out_path = args.output or ("predictions.json" if args.input is not None else None)
     if out_path is not None:
-        write_json_atomic(Path(out_path), output)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(out_path, output)
         answered = sum(1 for p in predictions.values() if p.answer)
         windows = sum(p.windows for p in predictions.values())
         print(
@@ -343,10 +294,3 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

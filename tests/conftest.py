@@ -23,7 +23,7 @@ TINY_SETTINGS = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
-    from spanqa.data.windows import load_tokenizer
+    from spanqa.io import load_tokenizer
     from spanqa.testing import minilm_dir
 
     return load_tokenizer(minilm_dir())
@@ -48,6 +48,7 @@ def tiny_squad_v1_file() -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, minilm_tokenizer, tiny_squad_file):
     from spanqa.data.prepare import prepare
+    from spanqa.data.windows import WindowSettings
 
     out = tmp_path_factory.mktemp("tiny_store") / "store"
-    return prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **TINY_SETTINGS)
+    return prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(**TINY_SETTINGS), progress=False)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from spanqa import flags as flag_tree
 from spanqa.cli import main as cli_main
-from spanqa.config import (
-    DS_CONFIG_DIR,
-    TrainConfig,
-    load_deepspeed_config,
-    parse_train_args,
-    reconcile_deepspeed_config,
-)
+from spanqa.config import TrainConfig, parse_train_args
 from spanqa.errors import SpanqaError
 from spanqa.presets import load_preset, preset_names
+from spanqa.train.ds_engine import SHIPPED, load_config, reconcile, shipped_config_path
 
 FIXTURE = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
 REPO = Path(__file__).resolve().parent.parent
@@ -42,35 +39,38 @@ def test_defaults_are_the_reference_preset(tmp_path):
     assert {k: v for k, v in default.to_dict().items() if k != "preset"} == {
         k: v for k, v in reference.to_dict().items() if k != "preset"
     }
-    assert (reference.learning_rate, reference.weight_decay, reference.warmup_steps) == (3e-5, 0.01, 500)
-    assert (reference.max_grad_norm, reference.train_batch_size, reference.num_train_epochs) == (1.0, 8, 6)
-    assert (reference.max_seq_length, reference.doc_stride) == (384, 128)
+    optimizer = reference.optimizer
+    assert (optimizer.learning_rate, optimizer.weight_decay, optimizer.warmup_steps) == (3e-5, 0.01, 500)
+    assert (optimizer.max_grad_norm, reference.train_batch_size, reference.num_train_epochs) == (1.0, 8, 6)
+    assert (reference.windows.max_seq_length, reference.windows.doc_stride) == (384, 128)
 
 
 def test_spanbert_preset_and_explicit_flags_override_it(tmp_path):
     config = parse_train_args(flags(tmp_path, "--preset", "spanbert"))
-    assert (config.learning_rate, config.train_batch_size, config.num_train_epochs) == (2e-5, 32, 4)
-    assert config.warmup_steps is None and config.warmup_proportion == 0.1
+    assert (config.optimizer.learning_rate, config.train_batch_size, config.num_train_epochs) == (2e-5, 32, 4)
+    assert config.optimizer.warmup_steps is None and config.optimizer.warmup_proportion == 0.1
     config = parse_train_args(
         flags(tmp_path, "--preset", "spanbert", "--learning_rate", "1e-5", "--head", "crf")
     )
-    assert (config.learning_rate, config.train_batch_size, config.head) == (1e-5, 32, "crf")
+    assert (config.optimizer.learning_rate, config.train_batch_size, config.head) == (1e-5, 32, "crf")
 
 
 def test_explicit_warmup_proportion_replaces_the_presets_warmup_steps(tmp_path):
     config = parse_train_args(flags(tmp_path, "--preset", "reference", "--warmup_proportion", "0.2"))
-    assert config.warmup_steps is None and config.warmup_proportion == 0.2
+    assert config.optimizer.warmup_steps is None and config.optimizer.warmup_proportion == 0.2
 
 
 def test_every_preset_is_a_valid_config(tmp_path):
     assert preset_names() == ["reference", "spanbert"]
     for name in preset_names():
-        TrainConfig(model="m", output_dir=str(tmp_path), train_file=str(FIXTURE), **load_preset(name))
+        values = {"model": "m", "output_dir": str(tmp_path), "train_file": str(FIXTURE), **load_preset(name)}
+        assert isinstance(flag_tree.build(TrainConfig, values), TrainConfig)
 
 
 def test_boolean_flags_turn_on_and_off(tmp_path):
-    assert parse_train_args(flags(tmp_path, "--no-version_2_with_negative")).null_threshold == float("inf")
-    assert parse_train_args(flags(tmp_path, "--version_2_with_negative")).null_threshold == 0.0
+    off = parse_train_args(flags(tmp_path, "--no-version_2_with_negative"))
+    assert off.answers.null_threshold == float("inf")
+    assert parse_train_args(flags(tmp_path, "--version_2_with_negative")).answers.null_threshold == 0.0
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_flags_win_over_the_deepspeed_config_and_say_so(tmp_path):
         flags(tmp_path, "--train_batch_size", "32", "--gradient_accumulation_steps", "2")
     )
     user = {"train_batch_size": 16, "gradient_clipping": 1.0, "optimizer": {"type": "Adam"}}
-    resolved, notes = reconcile_deepspeed_config(config, user, world_size=4)
+    resolved, notes = reconcile(config, user, world_size=4)
     assert resolved["train_batch_size"] == 32
     assert resolved["train_micro_batch_size_per_gpu"] == 4
     assert resolved["gradient_accumulation_steps"] == 2
@@ -152,14 +152,17 @@ def test_flags_win_over_the_deepspeed_config_and_say_so(tmp_path):
 def test_batch_not_divisible_by_world_size_names_the_flag(tmp_path):
     config = parse_train_args(flags(tmp_path, "--train_batch_size", "8"))
     with pytest.raises(SpanqaError, match=r"--train_batch_size: 8 is not divisible .* world size 3"):
-        reconcile_deepspeed_config(config, {}, world_size=3)
+        reconcile(config, {}, world_size=3)
 
 
 def test_auto_values_are_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": "auto"}))
-    with pytest.raises(SpanqaError, match="--deepspeed_config"):
-        load_deepspeed_config(path)
+    with pytest.raises(SpanqaError, match=r"--deepspeed_config: .*\$\.train_batch_size is \"auto\""):
+        load_config(path)
+    # "auto" in a key or inside another string is not an "auto" value
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "auto_cast": False, "note": "autotuned"}))
+    assert load_config(path)["auto_cast"] is False
 
 
 @pytest.mark.parametrize("name", ["cpu_fp32.json", "fp16_zero1.json", "fp16_zero2.json", "bf16_zero1.json"])
@@ -170,9 +173,7 @@ def test_shipped_deepspeed_configs_validate(tmp_path, name):
     config = parse_train_args(
         flags(tmp_path, "--train_batch_size", "16", "--gradient_accumulation_steps", "2")
     )
-    resolved, _ = reconcile_deepspeed_config(
-        config, load_deepspeed_config(DS_CONFIG_DIR / name), world_size=1
-    )
+    resolved, _ = reconcile(config, load_config(shipped_config_path(name)), world_size=1)
     checked = DeepSpeedConfig(resolved)
     assert checked.train_batch_size == 16
     assert checked.train_micro_batch_size_per_gpu == 8
@@ -188,13 +189,13 @@ def test_shipped_deepspeed_configs_validate(tmp_path, name):
     )
 
 
-def test_the_four_configs_are_shipped():
-    assert sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) == [
-        "bf16_zero1.json",
-        "cpu_fp32.json",
-        "fp16_zero1.json",
-        "fp16_zero2.json",
-    ]
+def test_the_four_configs_are_shipped_in_the_package_and_the_top_level_is_the_same_files():
+    package = shipped_config_path("cpu_fp32.json").parent
+    assert sorted(p.name for p in package.glob("*.json")) == sorted(SHIPPED)
+    top = REPO / "ds_configs"  # what users read and pass by path: the package's files, linked
+    assert sorted(p.name for p in top.glob("*.json")) == sorted(SHIPPED)
+    for name in SHIPPED:
+        assert (top / name).read_bytes() == (package / name).read_bytes()
 
 
 def test_help_lists_every_run_squad_flag(capsys):
@@ -211,4 +212,4 @@ def test_help_lists_every_run_squad_flag(capsys):
         "--n_best_size", "--logging_steps", "--eval_steps", "--num_workers", "--compile",
     ]  # fmt: skip
     for flag in flags:
-        assert f"{flag} " in text or f"{flag}\n" in text or f"[{flag}" in text, flag
+        assert re.search(rf"^  {flag}[ ,\n]", text, flags=re.M), flag

@@ -6,53 +6,44 @@ import numpy as np
 import pytest
 import torch
 
-from spanqa.data.loader import PAD_MULTIPLE, BucketBatchSampler, collate_windows, make_loader
+from spanqa.data.loader import (
+    PAD_MULTIPLE,
+    collate_windows,
+    eval_batches,
+    global_batches,
+    make_loader,
+    train_batches,
+)
 
 
 def random_lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(20, 384, size=n)
 
 
-def epoch_batches(lengths, batch_size, world_size, seed=0, epoch=0, shuffle=True) -> list[list[list[int]]]:
-    """batches[rank][step] for every rank of one epoch."""
-    out = []
-    for rank in range(world_size):
-        sampler = BucketBatchSampler(lengths, batch_size, rank, world_size, seed=seed, shuffle=shuffle)
-        sampler.set_epoch(epoch)
-        out.append(list(sampler))
-    return out
+def epoch_batches(lengths, batch_size, world_size, accumulation=1, seed=0, epoch=0) -> list[list[list[int]]]:
+    """batches[rank][micro-step] for every rank of one epoch; `batch_size` is the global batch."""
+    return [
+        train_batches(lengths, batch_size, accumulation, rank, world_size, seed, epoch)
+        for rank in range(world_size)
+    ]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("n", [1000, 1001, 1003, 37])  # 1001 and 1003 leave remainders; 37 < one batch x3
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_shards_are_disjoint_and_complete(world_size, n, shuffle):
-    batch_size = 8
-    per_rank = epoch_batches(random_lengths(n), batch_size, world_size, shuffle=shuffle)
-    steps = {len(batches) for batches in per_rank}
-    assert len(steps) == 1, "every rank runs the same number of steps"
+@pytest.mark.parametrize(("world_size", "accumulation"), [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("n", [1000, 1001, 1003, 37])  # 1001 and 1003 leave remainders
+def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder(world_size, accumulation, n):
+    batch_size = 12
+    per_rank = epoch_batches(random_lengths(n), batch_size, world_size, accumulation)
+    assert len({len(batches) for batches in per_rank}) == 1, "every rank runs the same number of steps"
     seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert sorted(seen) == list(range(n)), "every window exactly once per epoch"
-    sizes = [len(batch) for batches in per_rank for batch in batches]
-    assert min(sizes) >= 1
-    # at most one step per epoch has batches of another size than batch_size
-    odd_steps = {s for batches in per_rank for s, b in enumerate(batches) if len(b) != batch_size}
-    assert len(odd_steps) <= 1
-    for s in odd_steps:  # the short/merged global batch is split as evenly as possible
-        step_sizes = [len(batches[s]) for batches in per_rank]
-        assert max(step_sizes) - min(step_sizes) <= 1
+    assert len(seen) == len(set(seen)) == n - n % batch_size, "every window at most once per epoch"
+    sizes = {len(batch) for batches in per_rank for batch in batches}
+    assert sizes == {batch_size // (world_size * accumulation)}, "every micro-batch has the same size"
 
 
-def test_remainder_smaller_than_the_world_is_merged():
-    # 16 windows = 2 global batches of 2x4, plus 1 left: fewer than 2 ranks, so merged into a batch
-    per_rank = epoch_batches(random_lengths(17), 4, 2)
-    assert [len(b) for b in per_rank[0]] + [len(b) for b in per_rank[1]] in (
-        [4, 5, 4, 4],
-        [5, 4, 4, 4],
-        [4, 4, 4, 5],
-        [4, 4, 5, 4],
-    )
-    assert len(per_rank[0]) == 2
+def test_the_remainder_sits_out_a_different_epoch_each_time():
+    lengths = random_lengths(1003)
+    out = [set(range(1003)) - {i for b in global_batches(lengths, 8, 3, e) for i in b} for e in (0, 1)]
+    assert len(out[0]) == len(out[1]) == 1003 % 8 and out[0] != out[1]
 
 
 def test_order_depends_only_on_seed_and_epoch():
@@ -63,22 +54,18 @@ def test_order_depends_only_on_seed_and_epoch():
     assert a != epoch_batches(lengths, 8, 2, seed=2, epoch=3)
 
 
-def test_set_epoch_changes_the_order_of_one_sampler():
-    sampler = BucketBatchSampler(random_lengths(300), 8)
-    first = list(sampler)
-    assert list(sampler) == first  # a full pass then another of the same epoch: the same batches
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-
-
 @pytest.mark.parametrize("n", [1000, 1003])
-def test_one_rank_of_8_equals_two_ranks_of_4_step_by_step(n):
+def test_every_split_of_a_global_batch_sees_the_same_windows_per_step(n):
+    """1 rank x batch 8, 2 ranks x 4, 1 rank x accumulation 2 x 4, 2 ranks x 2 x 2: same steps."""
     lengths = random_lengths(n)
     (single,) = epoch_batches(lengths, 8, 1, seed=5, epoch=2)
-    rank0, rank1 = epoch_batches(lengths, 4, 2, seed=5, epoch=2)
-    assert len(single) == len(rank0) == len(rank1)
-    for step, batch in enumerate(single):
-        assert batch == rank0[step] + rank1[step]
+    for world_size, accumulation in ((2, 1), (1, 2), (2, 2)):
+        per_rank = epoch_batches(lengths, 8, world_size, accumulation, seed=5, epoch=2)
+        for step, batch in enumerate(single):
+            micro = [
+                per_rank[r][step * accumulation + m] for m in range(accumulation) for r in range(world_size)
+            ]
+            assert sorted(batch) == sorted(i for b in micro for i in b), (world_size, accumulation, step)
 
 
 def test_batches_group_similar_lengths():
@@ -90,34 +77,24 @@ def test_batches_group_similar_lengths():
     assert real / computed > 0.95
 
 
-def test_eval_order_is_by_length_and_deterministic():
-    lengths = random_lengths(100)
-    (batches,) = epoch_batches(lengths, 10, 1, shuffle=False)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_batches_cover_every_window_once_longest_first(world_size):
+    lengths = random_lengths(101)
+    per_rank = [eval_batches(lengths, 10, rank, world_size) for rank in range(world_size)]
+    seen = sorted(i for batches in per_rank for b in batches for i in b)
+    assert seen == list(range(101))
+    (batches,) = [eval_batches(lengths, 10)]
     flat = [i for b in batches for i in b]
-    assert list(lengths[flat]) == sorted(lengths, reverse=True)
-    assert epoch_batches(lengths, 10, 1, shuffle=False, epoch=7) == [batches]
+    assert list(lengths[flat]) == sorted(lengths, reverse=True) and eval_batches(lengths, 10) == batches
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(world_size):
     lengths = random_lengths(1001)
     for rank in range(world_size):
-        sampler = BucketBatchSampler(lengths, 8, rank, world_size, seed=3)
-        sampler.set_epoch(2)
-        full = list(sampler)
-        # another sampler consumes 17 batches of epoch 2, then its state is restored in a fresh one
-        partial = BucketBatchSampler(lengths, 8, rank, world_size, seed=3)
-        partial.set_epoch(2)
-        it = iter(partial)
-        head = [next(it) for _ in range(17)]
-        state = partial.state_dict()
-        assert state == {"epoch": 2, "batches_done": 17}
-        resumed = BucketBatchSampler(lengths, 8, rank, world_size, seed=3)
-        resumed.load_state_dict(state)
-        resumed.set_epoch(2)  # what a trainer calls at the top of the epoch loop: must keep the position
-        tail = list(resumed)
-        assert head + tail == full
-        assert len(resumed) == len(full)
+        full = train_batches(lengths, 24, 2, rank, world_size, seed=3, epoch=2)
+        tail = train_batches(lengths, 24, 2, rank, world_size, seed=3, epoch=2, start=17)
+        assert full[:17] + tail == full
 
 
 def test_collate_pads_to_a_multiple_of_8(tiny_store):
@@ -141,16 +118,17 @@ def test_collate_pads_to_a_multiple_of_8(tiny_store):
         assert batch["window_index"][row] == w["index"]
 
 
-def loader_epoch(store, num_workers, world_size=1, **kwargs) -> list[list[int]]:
+def loader_epoch(store, num_workers, world_size=1) -> list[list[list[int]]]:
     out = []
     for rank in range(world_size):
-        loader, sampler = make_loader(store, 4, rank, world_size, seed=1, num_workers=num_workers, **kwargs)
+        batches = eval_batches(store.window_lengths, 4, rank, world_size)
+        loader = make_loader(store, batches, num_workers=num_workers)
         out.append([batch["window_index"].tolist() for batch in loader])
-        assert sampler.state_dict() == {"epoch": 0, "batches_done": len(sampler)}
+        assert out[-1] == batches
     return out
 
 
-def test_loader_covers_the_store_once_per_epoch(tiny_store):
+def test_loader_covers_the_store_once(tiny_store):
     per_rank = loader_epoch(tiny_store, num_workers=0, world_size=2)
     seen = sorted(i for batches in per_rank for batch in batches for i in batch)
     assert seen == list(range(len(tiny_store)))
@@ -160,19 +138,16 @@ def test_loader_with_worker_processes(tiny_store):
     assert loader_epoch(tiny_store, num_workers=2) == loader_epoch(tiny_store, num_workers=0)
 
 
-def test_loader_state_counts_consumed_batches_with_workers(tiny_store):
-    """Workers prefetch ahead; the saved position must be what the caller consumed."""
-    loader, sampler = make_loader(tiny_store, 4, seed=1, num_workers=2)
-    full = [b["window_index"].tolist() for b in loader]
-    loader, sampler = make_loader(tiny_store, 4, seed=1, num_workers=2)
-    it = iter(loader)
-    head = [next(it)["window_index"].tolist() for _ in range(5)]
-    state = sampler.state_dict()
-    del it
-    assert state == {"epoch": 0, "batches_done": 5}
-    loader, sampler = make_loader(tiny_store, 4, seed=1, num_workers=2)
-    sampler.load_state_dict(state)
-    assert head + [b["window_index"].tolist() for b in loader] == full
+def test_iterating_a_loader_draws_nothing_from_the_global_rng(tiny_store):
+    """Workers get their seeds from the loader's own generator, so that a resumed run (or one that
+    evaluates more often) sees the same dropout masks as an uninterrupted one."""
+    batches = train_batches(tiny_store.window_lengths, 8, 1, 0, 1, seed=1, epoch=0)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for workers in (0, 2):
+        list(make_loader(tiny_store, batches, num_workers=workers))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_dataset_pickles_as_a_path_and_reopens(tiny_store):

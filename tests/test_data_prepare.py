@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -56,14 +57,14 @@ def test_window_view(tiny_store, minilm_tokenizer):
 
 def test_same_inputs_reuse_the_store(tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch):
     out = tmp_path / "store"
-    first = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    first = prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
     stamp = (out / "meta.json").stat().st_mtime_ns
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a matching store must be reused without tokenizing again")
 
     monkeypatch.setattr("spanqa.data.prepare.build_windows", no_tokenizing)
-    again = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    again = prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
     assert again.meta == first.meta and (out / "meta.json").stat().st_mtime_ns == stamp
     assert again.reused and not first.reused
 
@@ -73,7 +74,7 @@ def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_
     out = tmp_path / "store"
     data = tmp_path / "data.json"
     shutil.copy(tiny_squad_file, data)
-    first = prepare(data, minilm_tokenizer, out, progress=False, **tiny_settings)
+    first = prepare(data, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
     settings, tokenizer = dict(tiny_settings), minilm_tokenizer
     if change == "settings":
         settings["doc_stride"] = 48
@@ -90,7 +91,7 @@ def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_
         (out / "meta.json").write_text(json.dumps(meta))
     elif change == "corrupt":
         (out / "input_ids.npy").write_bytes(b"\x93NUMPY garbage")
-    rebuilt = prepare(data, tokenizer, out, progress=False, **settings)
+    rebuilt = prepare(data, tokenizer, out, WindowSettings(**settings), progress=False)
     assert rebuilt.meta["settings"] == settings
     if change == "source":
         assert rebuilt.meta["source"]["sha256"] != first.meta["source"]["sha256"]
@@ -117,7 +118,7 @@ def test_interrupted_write_leaves_no_store(
 
     monkeypatch.setattr(store_module.np, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+        prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -128,35 +129,32 @@ def test_killed_writer_leftovers_are_removed(tiny_settings, tmp_path, minilm_tok
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    leftover = tmp_path / f".store.tmp-{int(dead.stdout)}-deadbeef"  # what a SIGKILLed prepare leaves
+    host = socket.gethostname().replace("-", "_")
+    leftover = tmp_path / f".store.tmp-{host}-{int(dead.stdout)}-deadbeef"  # what a SIGKILLed prepare leaves
     leftover.mkdir()
     (leftover / "input_ids.npy").write_bytes(b"half")
+    # on a shared file system another node's writer may be alive: its temporaries are not ours to judge
+    elsewhere = tmp_path / f".store.tmp-otherhost-{int(dead.stdout)}-deadbeef"
+    elsewhere.mkdir()
     with pytest.raises(SpanqaError, match="meta.json: missing"):
         WindowStore.open(leftover)
-    prepare(tiny_squad_file, minilm_tokenizer, tmp_path / "store", progress=False, **tiny_settings)
-    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    settings = WindowSettings(**tiny_settings)
+    prepare(tiny_squad_file, minilm_tokenizer, tmp_path / "store", settings, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "store"]
 
 
 def test_interrupted_rebuild_keeps_the_old_store(
     tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
 ):
     out = tmp_path / "store"
-    old = prepare(tiny_squad_file, minilm_tokenizer, out, progress=False, **tiny_settings)
+    old = prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store_module.np, "save", die)
     with pytest.raises(KeyboardInterrupt):
-        prepare(
-            tiny_squad_file,
-            minilm_tokenizer,
-            out,
-            progress=False,
-            max_seq_length=96,
-            doc_stride=16,
-            max_query_length=32,
-        )
+        prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(96, 16, 32), progress=False)
     assert WindowStore.open(out).meta == old.meta
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
@@ -183,6 +181,14 @@ def test_check_compatible_names_what_is_stale(tiny_store, minilm_tokenizer, tiny
 def copy_store(src, dst):
     shutil.copytree(src, dst)
     return dst
+
+
+def _labels_outside_context(store_dir):
+    """end_positions with one labelled window's end moved past its context (the last token, [SEP])."""
+    end = np.load(store_dir / "end_positions.npy")
+    labelled = int(np.flatnonzero(np.load(store_dir / "start_positions.npy"))[0])
+    end[labelled] = np.load(store_dir / "window_lengths.npy")[labelled] - 1
+    return end
 
 
 @pytest.mark.parametrize(
@@ -214,10 +220,24 @@ def copy_store(src, dst):
             lambda p: (p / "meta.json").write_text(
                 json.dumps({**json.loads((p / "meta.json").read_text()), "format_version": 99})
             ),
-            r"meta.json: store format version 99, this spanqa reads version 1",
+            r"meta.json: store format version 99, this spanqa reads version 2",
+        ),
+        (
+            lambda p: np.save(p / "end_positions.npy", _labels_outside_context(p)),
+            r"start_positions.npy: window \d+: answer \d+\.\.\d+ is not a span inside its context",
         ),
     ],
-    ids=["no-meta", "bad-meta", "no-array", "no-examples", "truncated", "bad-shape", "bad-dtype", "version"],
+    ids=[
+        "no-meta",
+        "bad-meta",
+        "no-array",
+        "no-examples",
+        "truncated",
+        "bad-shape",
+        "bad-dtype",
+        "version",
+        "labels",
+    ],  # fmt: skip
 )
 def test_damaged_store_fails_to_open_naming_the_file(tiny_store, tmp_path, damage, message):
     path = copy_store(tiny_store.path, tmp_path / "copy")

@@ -1,4 +1,5 @@
-"""Post-processing on hand-made logits: the span search per window and the selection across windows."""
+"""On hand-made logits: the span head's search per window (spanqa.eval.candidates) and the selection
+across windows (spanqa.eval.postprocess)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from spanqa.eval.candidates import WindowCandidates
-from spanqa.eval.postprocess import nbest_answers, select_answers, span_candidates
+from spanqa.data.windows import WindowSettings
+from spanqa.eval.candidates import WindowCandidates, span_candidates
+from spanqa.eval.postprocess import select_answers
 
 
 def one_window(start, end, context):
@@ -119,7 +121,9 @@ def store(tmp_path_factory):
     ]
     data = {"version": "v2.0", "data": [{"title": "Paris", "paragraphs": [{"context": CONTEXT, "qas": qas}]}]}
     (root / "tiny.json").write_text(json.dumps(data))
-    return prepare(root / "tiny.json", str(minilm_dir()), root / "store", 32, 8, 8, progress=False)
+    return prepare(
+        root / "tiny.json", str(minilm_dir()), root / "store", WindowSettings(32, 8, 8), progress=False
+    )
 
 
 def windows_of(store, example: int) -> list[int]:
@@ -166,9 +170,6 @@ def test_best_window_wins_and_null_odds(store):
 
     strict, _ = select_answers(cands, order, store, null_threshold=-12.0)
     assert strict["river"] == ""
-    nbest = nbest_answers(cands, order, store, n=3)
-    assert [c["text"] for c in nbest["river"][:2]] == ["Seine", "Paris"]
-    assert nbest["river"][0]["score"] == 10.0 and len(nbest["moon"]) == 3
 
 
 def test_example_without_windows_gets_no_answer(store):
@@ -178,7 +179,6 @@ def test_example_without_windows_gets_no_answer(store):
     assert predictions == {"river": "", "moon": ""}
     assert null_odds["river"] == float("inf")
     nothing = span_candidates(start[:0], end[:0], mask[:0])
-    assert nbest_answers(nothing, rows[:0], store) == {"river": [], "moon": []}
     assert select_answers(nothing, rows[:0], store)[0] == {"river": "", "moon": ""}
 
 

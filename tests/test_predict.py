@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,18 +10,15 @@ import numpy as np
 import pytest
 
 from spanqa.cli import main as cli_main
+from spanqa.data.windows import WindowSettings
 from spanqa.errors import SpanqaError
+from spanqa.eval.postprocess import AnswerSettings
+from spanqa.export import ExportInfo
 from spanqa.predict import Question, predict, read_questions
 
 # Small windows so that a paragraph of a few sentences already needs several of them.
-SETTINGS = {
-    "max_seq_length": 64,
-    "doc_stride": 16,
-    "max_query_length": 16,
-    "max_answer_length": 8,
-    "n_best_size": 10,
-    "null_threshold": 0.0,
-}
+WINDOWS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
+ANSWERS = AnswerSettings(max_answer_length=8, n_best_size=10, null_score_diff_threshold=0.0)
 SHORT_CONTEXT = "The tower was designed by Gustave Eiffel and finished in 1889 for the World Fair in Paris."
 LONG_CONTEXT = " ".join(
     f"In year {1800 + i} the council of town number {i} met {i % 7} times and planted {3 * i} trees."
@@ -37,7 +35,8 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from spanqa.model.build import build_model, export_model
+    from spanqa.export import export_model
+    from spanqa.model.build import build_model
     from spanqa.testing import tiny_bert_dir
 
     root = tmp_path_factory.mktemp("models")
@@ -48,15 +47,19 @@ def exported(tmp_path_factory) -> dict[str, Path]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the heads start random: fixed, so that every run tests the same model
             model = build_model(str(tiny), head)
-        export_model(model, tokenizer, root / head, settings=SETTINGS)
+        export_model(model, tokenizer, root / head, ExportInfo(head, WINDOWS, ANSWERS))
         dirs[head] = root / head
     return dirs
 
 
 def loaded(model_dir: Path):
-    from spanqa.model.build import load_model
+    from spanqa.export import load_export
 
-    return load_model(model_dir)
+    return load_export(model_dir)
+
+
+def with_answers(info: ExportInfo, **changes) -> ExportInfo:
+    return dataclasses.replace(info, answers=dataclasses.replace(info.answers, **changes))
 
 
 def reference_span_answers(model_dir: Path, questions: list[Question], max_answer_length: int) -> dict:
@@ -73,8 +76,8 @@ def reference_span_answers(model_dir: Path, questions: list[Question], max_answe
             q.question,
             q.context,
             truncation="only_second",
-            max_length=SETTINGS["max_seq_length"],
-            stride=SETTINGS["doc_stride"],
+            max_length=WINDOWS.max_seq_length,
+            stride=WINDOWS.doc_stride,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
             padding=True,
@@ -101,9 +104,9 @@ def reference_span_answers(model_dir: Path, questions: list[Question], max_answe
 
 def test_span_head_matches_transformers_reference(exported):
     model, tokenizer, settings = loaded(exported["span"])
-    no_null = {**settings, "null_threshold": float("inf")}
+    no_null = with_answers(settings, null_score_diff_threshold=float("inf"))
     got = predict(model, tokenizer, QUESTIONS, no_null, batch_size=3)
-    want = reference_span_answers(exported["span"], QUESTIONS, SETTINGS["max_answer_length"])
+    want = reference_span_answers(exported["span"], QUESTIONS, ANSWERS.max_answer_length)
     assert got["q-short"].windows == 1
     assert got["q-long"].windows == want["q-long"]["windows"] > 2
     for q in QUESTIONS:
@@ -114,8 +117,12 @@ def test_span_head_matches_transformers_reference(exported):
 @pytest.mark.parametrize("head", ["span", "crf"])
 def test_null_threshold_decides_between_answer_and_no_answer(exported, head):
     model, tokenizer, settings = loaded(exported[head])
-    always = predict(model, tokenizer, QUESTIONS, {**settings, "null_threshold": float("inf")})
-    never = predict(model, tokenizer, QUESTIONS, {**settings, "null_threshold": float("-inf")})
+    always = predict(
+        model, tokenizer, QUESTIONS, with_answers(settings, null_score_diff_threshold=float("inf"))
+    )
+    never = predict(
+        model, tokenizer, QUESTIONS, with_answers(settings, null_score_diff_threshold=float("-inf"))
+    )
     for q in QUESTIONS:
         p = always[q.id]
         assert p.answer and p.answer in q.context
@@ -230,5 +237,5 @@ def test_not_a_model_directory(tmp_path, capsys):
 
 def test_a_model_trained_without_negatives_always_answers(exported):
     model, tokenizer, settings = loaded(exported["span"])
-    v1 = {**settings, "version_2_with_negative": False, "null_threshold": float("-inf")}
+    v1 = with_answers(settings, version_2_with_negative=False, null_score_diff_threshold=float("-inf"))
     assert all(p.answer for p in predict(model, tokenizer, QUESTIONS, v1).values())

@@ -16,12 +16,14 @@ import torch
 from spanqa.data.loader import collate_windows
 from spanqa.data.store import WindowStore
 from spanqa.errors import SpanqaError
+from spanqa.testing import MODEL_SHAPES, placeholder_tokenizer, write_bert_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "bench" / "throughput.py"
 
 
 def load_bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: bench/ first on the path (its synthetic.py)
     spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -30,23 +32,26 @@ def load_bench():
 
 
 bench = load_bench()
+import synthetic as bench_synthetic  # noqa: E402  (bench/synthetic.py, on the path since load_bench)
 
 
 def test_fallback_histogram_has_the_measured_dev_distribution():
-    shapes = bench.shapes_from_histogram(384)
+    shapes = bench_synthetic.shapes_from_histogram(384)
     assert len(shapes.lengths) == 12134  # windows of the measured SQuAD v2 dev store
     assert shapes.lengths.mean() == pytest.approx(180.0, abs=1.0)
     assert shapes.lengths.max() == 384 and (shapes.lengths == 384).sum() >= 264
     assert (shapes.context_start < shapes.context_end).all() and (
         shapes.context_end == shapes.lengths - 2
     ).all()
-    assert bench.shapes_from_histogram(256).lengths.max() == 256
+    assert bench_synthetic.shapes_from_histogram(256).lengths.max() == 256
 
 
 def test_synthetic_store_copies_the_structure_of_a_real_one(tmp_path, tiny_store, tiny_settings):
-    shapes = bench.shapes_from_store(tiny_store, "tiny")
-    model_dir = bench.write_model_dir("tiny", tmp_path / "model", seed=0)
-    store = bench.write_synthetic_store(tmp_path / "store", shapes, 50, model_dir, tiny_settings, seed=1)
+    shapes = bench_synthetic.shapes_from_store(tiny_store, "tiny")
+    model_dir = write_bert_dir(tmp_path / "model", "tiny", placeholder_tokenizer(30522))
+    store = bench_synthetic.write_synthetic_store(
+        tmp_path / "store", shapes, 50, model_dir, tiny_settings, seed=1
+    )
     assert isinstance(store, WindowStore) and len(store) == 50
     real = set(zip(tiny_store.window_lengths.tolist(), tiny_store.context_start.tolist(), strict=True))
     synthetic = set(zip(store.window_lengths.tolist(), store.context_start.tolist(), strict=True))
@@ -68,11 +73,11 @@ def test_model_dir_has_the_spanbert_base_shape_and_a_tokenizer_of_its_vocabulary
     from transformers import AutoConfig, AutoTokenizer
 
     # Only the config and tokenizer here: 110M random weights are the slow part and prove nothing more.
-    vocab = bench.placeholder_vocab(28996)
-    assert len(vocab) == 28996 and vocab[101] == "[CLS]" and len(set(vocab)) == 28996
-    config = AutoConfig.for_model("bert", **bench.MODEL_CONFIGS["spanbert-base"])
+    vocab = placeholder_tokenizer(28996).get_vocab()
+    assert len(vocab) == 28996 and vocab["[CLS]"] == 101 and sorted(vocab.values()) == list(range(28996))
+    config = AutoConfig.for_model("bert", **MODEL_SHAPES["spanbert-base"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
-    model_dir = bench.write_model_dir("tiny", tmp_path / "tiny", seed=0)
+    model_dir = write_bert_dir(tmp_path / "tiny", "tiny", placeholder_tokenizer(30522))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     assert len(tokenizer) == 30522 and tokenizer.cls_token_id == 101 and tokenizer.sep_token_id == 102
 

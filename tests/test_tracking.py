@@ -67,7 +67,6 @@ def test_params_metrics_tags_artifacts_read_back(tracking_env, tmp_path):
     report = out / "eval_report.json"
     report.write_text(json.dumps({"exact": 61.5}))
     tracker.log_artifact(report, artifact_path="eval")
-    tracker.set_tags({"spanqa.head": "span"})
     tracker.close()
 
     run_id = (out / RUN_ID_FILE).read_text().strip()
@@ -80,7 +79,6 @@ def test_params_metrics_tags_artifacts_read_back(tracking_env, tmp_path):
     assert run.data.params["optim.lr"] == "3e-05"
     assert run.data.params["optim.betas"] == "[0.9, 0.999]"
     assert run.data.tags["spanqa.tag"] == "cmp1"
-    assert run.data.tags["spanqa.head"] == "span"
     history = mlflow_client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(s, 5.0 / s) for s in range(1, 6)]
     assert run.data.metrics["f1"] == 64.25
@@ -148,7 +146,6 @@ def test_nonzero_rank_writes_nothing_and_never_imports_mlflow(tmp_path):
         tracker.log_params({"a": 1})
         tracker.log_metrics({"loss": 1.0}, step=1)
         tracker.log_artifact("missing.txt")
-        tracker.set_tags({"x": "y"})
         tracker.close()
         print(type(tracker).__name__, tracker.run_id, "mlflow" in sys.modules)
         """

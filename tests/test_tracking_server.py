@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -139,7 +138,6 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, po
         time.sleep(poll)
 
 
-@pytest.mark.skipif(find_spec("spanqa.train.engine") is None, reason="the trainer has not landed")
 def test_training_logs_to_a_server_that_goes_away_and_comes_back(server, tmp_path):
     from spanqa.testing import tiny_bert_dir
 
@@ -187,7 +185,9 @@ def test_training_logs_to_a_server_that_goes_away_and_comes_back(server, tmp_pat
     assert run.data.params["world_size"] == "1"
     losses = mlflow_client.get_metric_history(run_id, "loss")
     assert [m.step for m in losses] == list(range(1, 31)), "steps logged during the outage arrived"
-    assert [m.step for m in mlflow_client.get_metric_history(run_id, "f1")] == [22]  # the end of epoch 1
+    assert [m.step for m in mlflow_client.get_metric_history(run_id, "f1")] == [
+        21
+    ]  # 87 windows // 4: epoch 1
     artifacts = {a.path for a in mlflow_client.list_artifacts(run_id)}
     assert {"training_curves.png", "ds_config.json", "eval"} <= artifacts
     assert {a.path for a in mlflow_client.list_artifacts(run_id, "eval")} >= {"eval/eval_report.json"}
@@ -229,10 +229,10 @@ def test_tracker_keeps_going_when_the_server_dies(server, tmp_path, monkeypatch,
 def check_predict_matches_training_eval(out: Path, dev_file: Path) -> None:
     """`spanqa predict` on the exported best model answers the dev file as the trainer's evaluation did
     (the run's only evaluation, so eval/ holds the best model's predictions)."""
-    from spanqa.model.build import load_model
+    from spanqa.export import load_export
     from spanqa.predict import predict, read_questions
 
-    model, tokenizer, settings = load_model(out / "best_model")
+    model, tokenizer, settings = load_export(out / "best_model")
     got = predict(model, tokenizer, read_questions(dev_file), settings, batch_size=16)
     trainer_answers = json.loads((out / "eval" / "predictions.json").read_text())
     trainer_odds = json.loads((out / "eval" / "null_odds.json").read_text())

@@ -12,10 +12,11 @@ import torch
 
 from spanqa.config import parse_train_args
 from spanqa.data.prepare import prepare
+from spanqa.data.windows import WindowSettings
 from spanqa.errors import SpanqaError
 from spanqa.testing import minilm_dir
+from spanqa.train.data import gold_questions, prepare_stores
 from spanqa.train.distributed import DistEnv
-from spanqa.train.engine import gold_questions, prepare_stores
 
 ONE_PROCESS = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -25,7 +26,7 @@ def prepared_dir(tmp_path_factory, minilm_tokenizer, tiny_squad_file):
     """A --prepared DIR: train/ and dev/ stores of the tiny fixture, window settings 128/32/32."""
     root = tmp_path_factory.mktemp("prepared")
     for role in ("train", "dev"):
-        prepare(tiny_squad_file, minilm_tokenizer, root / role, 128, 32, 32, progress=False)
+        prepare(tiny_squad_file, minilm_tokenizer, root / role, WindowSettings(128, 32, 32), progress=False)
     return root
 
 
@@ -62,7 +63,11 @@ def test_evaluation_scores_the_dev_files_golds_untouched(
     dev_file_with_a_bad_answer, minilm_tokenizer, tmp_path
 ):
     store = prepare(
-        dev_file_with_a_bad_answer, minilm_tokenizer, tmp_path / "dev", 128, 32, 32, progress=False
+        dev_file_with_a_bad_answer,
+        minilm_tokenizer,
+        tmp_path / "dev",
+        WindowSettings(128, 32, 32),
+        progress=False,
     )
     assert store.meta["validation"]["answers_dropped"] == 1
     golds = {g.id: g.answers for g in gold_questions(store, None)}  # the file the store names
@@ -75,7 +80,11 @@ def test_a_store_whose_source_is_gone_scores_its_own_examples(
     dev_file_with_a_bad_answer, minilm_tokenizer, tmp_path, caplog
 ):
     store = prepare(
-        dev_file_with_a_bad_answer, minilm_tokenizer, tmp_path / "dev", 128, 32, 32, progress=False
+        dev_file_with_a_bad_answer,
+        minilm_tokenizer,
+        tmp_path / "dev",
+        WindowSettings(128, 32, 32),
+        progress=False,
     )
     shutil.move(dev_file_with_a_bad_answer, tmp_path / "moved.json")
     golds = gold_questions(store, None)

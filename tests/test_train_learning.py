@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launcher" / "train.py"
-SAMPLE_TRAIN = REPO / "data" / "sample" / "train.json"  # real SQuAD v2, bundled
+SAMPLE_TRAIN = REPO / "spanqa" / "sample" / "train.json"  # real SQuAD v2, bundled
 
 pytestmark = pytest.mark.slow
 
@@ -83,4 +83,4 @@ def test_head_overfits_64_questions(head, learning_rate, epochs, memorisable_mod
     assert report["total"] == 64
     assert report["exact"] >= 90, report
     exported = json.loads((out / "best_model" / "spanqa_config.json").read_text())
-    assert exported["head"] == head and exported["max_seq_length"] == 256
+    assert exported["head"] == head and exported["windows"]["max_seq_length"] == 256

@@ -11,8 +11,8 @@ import torch
 from spanqa.errors import SpanqaError
 from spanqa.train import checkpoint as ckpt
 from spanqa.train.distributed import PreemptionFlag, env_from_environ, slurm_job_to_requeue
-from spanqa.train.engine import eval_points, is_decayed, warmup_linear_decay
 from spanqa.train.entry import default_omp_threads
+from spanqa.train.optim import eval_points, is_decayed, warmup_linear_decay
 
 
 def test_warmup_then_linear_decay_to_zero():

@@ -1,126 +1,84 @@
 """Length-bucketed, rank-sharded, resumable batches over a window store.
 
-Sampling (the same on every rank, so data parallelism is exact):
+Training (`train_batches`): the order of optimizer steps depends only on the seed, the epoch and
+--train_batch_size, never on how many ranks share the work:
 1. a permutation of all windows that depends only on (seed, epoch);
 2. cut into pools of `pool_batches` global batches, each pool sorted by window length, then cut into
-   GLOBAL batches of batch_size x world_size windows of similar length;
-3. the order of the global batches is shuffled (same seed), and rank r takes the slice
-   [r*batch_size, (r+1)*batch_size) of each global batch.
-So 1 rank with batch 8 sees, step by step, exactly the union of what 2 ranks with batch 4 see.
+   GLOBAL batches of exactly train_batch_size windows of similar length (the windows left over at the
+   end of an epoch, fewer than one global batch, sit that epoch out: a different few each epoch);
+3. the order of the global batches is shuffled (same seed);
+4. each global batch is one optimizer step, cut into accumulation x world micro-batches: micro-step m
+   of rank r takes slice m * world + r.
+So 2 ranks x accumulation 1, 1 rank x accumulation 2 and 1 rank with the whole batch all see the same
+windows at every optimizer step. A position (epoch, micro-step) is all a resumed run needs.
 
-Remainder: when the window count is not a multiple of batch_size x world_size, the last (short)
-global batch is split as evenly as possible across ranks (slice boundaries floor(r*m/W)); if it holds
-fewer windows than there are ranks it is merged into the previous global batch instead. Every window
-is then seen exactly once per epoch, every rank runs `len(sampler)` steps with at least one window
-each, and at most one step per epoch has a batch of a different size than batch_size.
-
-With shuffle=False the windows are taken in order of length (longest first; stable, so deterministic),
-for evaluation.
+Evaluation (`eval_batches`): every window exactly once, longest first, rank r taking every world-th
+window; ranks may run different numbers of batches (evaluation has no collective per batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from spanqa.data.store import WindowStore
 
 PAD_MULTIPLE = 8  # tensor cores want sequence lengths that are multiples of 8 under fp16/bf16
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of window indices for ONE rank (the module docstring has the exact semantics).
+def global_batches(
+    lengths: Any, batch_size: int, seed: int, epoch: int, pool_batches: int = 100
+) -> list[np.ndarray]:
+    """The global batches of one epoch, in step order, each exactly `batch_size` window indices."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if batch_size < 1 or pool_batches < 1:
+        raise ValueError(f"batch_size {batch_size} and pool_batches {pool_batches} must be >= 1")
+    rng = np.random.default_rng([seed, epoch])
+    order = _sort_within_pools(rng.permutation(len(lengths)), lengths, batch_size * pool_batches)
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
-    Remainder: the last short global batch is split as evenly as possible across the ranks, or merged
-    into the previous global batch when it has fewer windows than ranks; so all ranks run `len(self)`
-    steps, each with >= 1 window, and every window is used exactly once per epoch.
-    Resume: `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, iteration yields exactly
-    the remaining batches of that epoch (`set_epoch` with the same epoch keeps the position).
-    """
 
-    def __init__(
-        self,
-        lengths: Any,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        pool_batches: int = 100,
-    ):
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        if batch_size < 1 or pool_batches < 1:
-            raise ValueError(f"batch_size {batch_size} and pool_batches {pool_batches} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
-        if len(self.lengths) < world_size:
-            raise ValueError(f"{len(self.lengths)} windows cannot give each of {world_size} ranks one")
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.shuffle, self.pool_batches = seed, shuffle, pool_batches
-        self.epoch = 0
-        self.batches_done = 0  # batches of this epoch already handed out (consumed, via make_loader)
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+def split_global_batch(batch: np.ndarray, accumulation: int, world_size: int, rank: int) -> list[np.ndarray]:
+    """This rank's `accumulation` micro-batches of one global batch (micro-step m: slice m*world+rank)."""
+    slots = accumulation * world_size
+    if len(batch) % slots:
+        raise ValueError(f"a global batch of {len(batch)} does not split into {slots} micro-batches")
+    micro = len(batch) // slots
+    return [
+        batch[(m * world_size + rank) * micro : (m * world_size + rank + 1) * micro]
+        for m in range(accumulation)
+    ]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch`; a no-op when it is already the current epoch (so a resumed position survives)."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.batches_done = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+def train_batches(
+    lengths: Any,
+    train_batch_size: int,
+    accumulation: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+) -> list[list[int]]:
+    """This rank's micro-batches of `epoch` from micro-step `start` on (see the module docstring)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+    out = []
+    for batch in global_batches(lengths, train_batch_size, seed, epoch):
+        out += [micro.tolist() for micro in split_global_batch(batch, accumulation, world_size, rank)]
+    return out[start:]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
 
-    def __len__(self) -> int:
-        return len(self.global_batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start = self.resume_point()
-        self.batches_done = start
-        return self._batches_from(start)
-
-    def resume_point(self) -> int:
-        """Where the next iteration starts: mid-epoch after a partial one, else at the beginning."""
-        return self.batches_done if 0 < self.batches_done < len(self) else 0
-
-    def _batches_from(self, start: int) -> Iterator[list[int]]:
-        for i, global_batch in enumerate(self.global_batches()[start:], start + 1):
-            self.batches_done = i  # counted when handed out; make_loader's loader recounts on consumption
-            yield self.rank_slice(global_batch).tolist()
-
-    def rank_slice(self, global_batch: np.ndarray) -> np.ndarray:
-        m, w = len(global_batch), self.world_size
-        return global_batch[self.rank * m // w : (self.rank + 1) * m // w]
-
-    def global_batches(self) -> list[np.ndarray]:
-        """The global batches of the current epoch (cached per epoch)."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._make_global_batches(self.epoch))
-        return self._cache[1]
-
-    def _make_global_batches(self, epoch: int) -> list[np.ndarray]:
-        n, size = len(self.lengths), self.batch_size * self.world_size
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = _sort_within_pools(rng.permutation(n), self.lengths, size * self.pool_batches)
-        else:
-            order = np.argsort(-self.lengths, kind="stable")
-        batches = [order[i : i + size] for i in range(0, n - n % size, size)]
-        tail = order[n - n % size :]
-        if len(tail) >= self.world_size or not batches:
-            batches.append(tail)
-        elif len(tail):
-            batches[-1] = np.concatenate([batches[-1], tail])
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+def eval_batches(lengths: Any, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Batches of this rank's share of the windows, longest first (stable, so deterministic)."""
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_size {batch_size} must be >= 1 and rank {rank} in [0, {world_size})")
+    mine = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")[rank::world_size]
+    return [mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
 
 
 def _sort_within_pools(order: np.ndarray, lengths: np.ndarray, pool: int) -> np.ndarray:
@@ -186,37 +144,19 @@ class WindowDataset(Dataset):
         return self.store.window(i)
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader that keeps its BucketBatchSampler's position equal to the batches CONSUMED.
-
-    Worker processes make the DataLoader draw indices ahead of the consumer; counting here, as each
-    batch is handed to the caller, makes `sampler.state_dict()` right at any step.
-    """
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        sampler = self.batch_sampler
-        start = sampler.resume_point()
-        for done, batch in enumerate(super().__iter__(), start + 1):
-            sampler.batches_done = done
-            yield batch
-
-
 def make_loader(
-    store: WindowStore,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_workers: int = 0,
-) -> tuple[DataLoader, BucketBatchSampler]:
-    sampler = BucketBatchSampler(store.window_lengths, batch_size, rank, world_size, seed, shuffle)
-    loader = ResumableLoader(
+    store: WindowStore, batches: list[list[int]], num_workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over the given batches of window indices, collated by `collate_windows`.
+
+    Its worker seeds come from a private generator: iterating must not draw from the global torch
+    RNG, or a resumed run (or one that evaluates more often) would see other dropout masks.
+    """
+    return DataLoader(
         WindowDataset(store),
-        batch_sampler=sampler,
+        batch_sampler=batches,
         collate_fn=collate_windows,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
-    return loader, sampler

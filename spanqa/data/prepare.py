@@ -12,26 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spanqa import flags
 from spanqa.data.squad import load_squad
 from spanqa.data.store import FORMAT_VERSION, META, WindowStore, build_meta, write_store
-from spanqa.data.windows import (
-    WindowSettings,
-    build_windows,
-    check_fast,
-    load_tokenizer,
-    pair_template,
-    tokenizer_fingerprint,
-)
+from spanqa.data.windows import WindowSettings, build_windows, pair_template, tokenizer_fingerprint
 from spanqa.errors import SpanqaError
+from spanqa.io import load_tokenizer
 
 
 def prepare(
     data_file: str | Path,
     tokenizer: Any,
     out_dir: str | Path,
-    max_seq_length: int = 384,
-    doc_stride: int = 128,
-    max_query_length: int = 64,
+    settings: WindowSettings = WindowSettings(),  # noqa: B008 - frozen, so one shared default is safe
     progress: bool = True,
 ) -> WindowStore:
     """Build (or reuse) the window store of `data_file` at `out_dir`.
@@ -43,8 +36,6 @@ def prepare(
     In data-parallel jobs call it on one rank and let the others wait, then open the store.
     """
     data_file, out_dir = Path(data_file), Path(out_dir)
-    settings = WindowSettings(max_seq_length, doc_stride, max_query_length)
-    settings.validate()
     tokenizer, tokenizer_name = _as_tokenizer(tokenizer)
     settings.validate(pair_template(tokenizer).n_special)
     wanted = {
@@ -123,7 +114,10 @@ def _as_tokenizer(tokenizer: Any) -> tuple[Any, str]:
     if isinstance(tokenizer, (str, Path)):
         return load_tokenizer(tokenizer), str(tokenizer)
     name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
-    check_fast(tokenizer, name)
+    if not getattr(tokenizer, "is_fast", False):
+        raise SpanqaError(
+            f"--tokenizer: {name!r} is not a fast tokenizer (character offsets need a tokenizer.json backend)"
+        )
     return tokenizer, name
 
 
@@ -163,11 +157,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data_file", required=True, help="SQuAD v1.1 or v2.0 JSON file")
     parser.add_argument("--tokenizer", required=True, help="fast tokenizer: local directory or hub name")
     parser.add_argument("--out", required=True, help="directory of the window store")
-    parser.add_argument("--max_seq_length", type=int, default=384)
-    parser.add_argument(
-        "--doc_stride", type=int, default=128, help="overlap of consecutive windows, in tokens"
-    )
-    parser.add_argument("--max_query_length", type=int, default=64)
+    flags.add_flags(parser, WindowSettings)
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -176,13 +166,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
     store = prepare(
-        args.data_file,
-        args.tokenizer,
-        args.out,
-        max_seq_length=args.max_seq_length,
-        doc_stride=args.doc_stride,
-        max_query_length=args.max_query_length,
-        progress=progress,
+        args.data_file, args.tokenizer, args.out, flags.build_given(WindowSettings, args), progress=progress
     )
     if not progress:  # else prepare() has printed it
         print(summary(store))

@@ -1,5 +1,7 @@
 """Parse and validate SQuAD v1.1 / v2.0 JSON.
 
+`walk_questions` is the one walk over a SQuAD document (articles, paragraphs, questions) that every
+reader shares: training's parser here, the scorer's gold reader and `spanqa predict`'s input reader.
 Structural problems (not JSON, wrong shape, missing or mistyped fields, empty context, duplicate ids)
 raise `SpanqaError` naming the file and the JSON path. Answers whose `answer_start` does not point at
 their text are repaired (nearest occurrence of the text in the context) or dropped, and every repair and
@@ -8,12 +10,13 @@ drop is counted in the validation report, with its JSON path, so nothing is lost
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spanqa.errors import SpanqaError
-from spanqa.files import read_json
+from spanqa.io import read_json
 
 MAX_REPORTED_ISSUES = 50  # the report keeps the first issues verbatim and counts all of them
 
@@ -80,45 +83,61 @@ def load_squad(path: str | Path) -> tuple[list[Example], dict]:
     return examples, report.as_dict()
 
 
-def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport]:
+@dataclass(frozen=True)
+class RawQuestion:
+    """One question of a SQuAD document as it stands in the file, with where it stands."""
+
+    at: str  # JSON path of the question object, e.g. data[0].paragraphs[2].qas[1]
+    title: str
+    context: str
+    qa: dict
+
+
+def walk_questions(data: Any, source: str) -> Iterator[RawQuestion]:
+    """Every question object of a SQuAD document, in file order; SpanqaError at the first structural
+    problem of the articles and paragraphs (the question objects themselves are the caller's)."""
     if not isinstance(data, dict) or "data" not in data:
         raise SpanqaError(f"{source}: top level must be an object with a 'data' list (SQuAD format)")
-    articles = _field(data, "data", list, source)
+    for a, article in enumerate(json_field(data, "data", list, source)):
+        at = f"data[{a}]"
+        require(article, dict, source, at)
+        title = json_field(article, "title", str, source, at, default="")
+        for p, paragraph in enumerate(json_field(article, "paragraphs", list, source, at)):
+            pat = f"{at}.paragraphs[{p}]"
+            require(paragraph, dict, source, pat)
+            context = json_field(paragraph, "context", str, source, pat)
+            if not context.strip():
+                raise SpanqaError(f"{source}: {pat}.context: empty context")
+            for q, qa in enumerate(json_field(paragraph, "qas", list, source, pat)):
+                qat = f"{pat}.qas[{q}]"
+                require(qa, dict, source, qat)
+                yield RawQuestion(qat, title, context, qa)
+
+
+def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport]:
     report = ValidationReport()
     examples: list[Example] = []
     seen_ids: dict[str, str] = {}
-    for a, article in enumerate(articles):
-        at = f"data[{a}]"
-        _require(article, dict, source, at)
-        title = _field(article, "title", str, source, at, default="")
-        for p, paragraph in enumerate(_field(article, "paragraphs", list, source, at)):
-            pat = f"{at}.paragraphs[{p}]"
-            _require(paragraph, dict, source, pat)
-            context = _field(paragraph, "context", str, source, pat)
-            if not context.strip():
-                raise SpanqaError(f"{source}: {pat}.context: empty context")
-            for q, qa in enumerate(_field(paragraph, "qas", list, source, pat)):
-                qat = f"{pat}.qas[{q}]"
-                example = _parse_question(qa, title, context, source, qat, report)
-                if example.id in seen_ids:
-                    raise SpanqaError(
-                        f"{source}: {qat}.id: duplicate question id {example.id!r} "
-                        f"(first at {seen_ids[example.id]})"
-                    )
-                seen_ids[example.id] = qat
-                if example.is_impossible or example.answers:
-                    examples.append(example)
+    for raw in walk_questions(data, source):
+        example = _parse_question(raw.qa, raw.title, raw.context, source, raw.at, report)
+        if example.id in seen_ids:
+            raise SpanqaError(
+                f"{source}: {raw.at}.id: duplicate question id {example.id!r} "
+                f"(first at {seen_ids[example.id]})"
+            )
+        seen_ids[example.id] = raw.at
+        if example.is_impossible or example.answers:
+            examples.append(example)
     return examples, report
 
 
 def _parse_question(
-    qa: Any, title: str, context: str, source: str, at: str, report: ValidationReport
+    qa: dict, title: str, context: str, source: str, at: str, report: ValidationReport
 ) -> Example:
-    _require(qa, dict, source, at)
-    qid = _field(qa, "id", str, source, at)
-    question = _field(qa, "question", str, source, at)
-    is_impossible = _field(qa, "is_impossible", bool, source, at, default=False)
-    raw_answers = _field(qa, "answers", list, source, at, default=[])
+    qid = json_field(qa, "id", str, source, at)
+    question = json_field(qa, "question", str, source, at)
+    is_impossible = json_field(qa, "is_impossible", bool, source, at, default=False)
+    raw_answers = json_field(qa, "answers", list, source, at, default=[])
     report.questions += 1
     if is_impossible:
         # v2.0: unanswerable questions carry no training target; `plausible_answers` are ignored on purpose
@@ -128,9 +147,9 @@ def _parse_question(
     answers = []
     for i, raw in enumerate(raw_answers):
         aat = f"{at}.answers[{i}]"
-        _require(raw, dict, source, aat)
-        text = _field(raw, "text", str, source, aat)
-        start = _field(raw, "answer_start", int, source, aat)
+        require(raw, dict, source, aat)
+        text = json_field(raw, "text", str, source, aat)
+        start = json_field(raw, "answer_start", int, source, aat)
         report.answers += 1
         answer = _checked_answer(text, start, context, f"{source}: {aat}", report)
         if answer is not None:
@@ -176,7 +195,8 @@ def nearest_occurrence(context: str, text: str, start: int) -> int | None:
 _TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
 
 
-def _require(value: Any, kind: type, source: str, at: str) -> None:
+def require(value: Any, kind: type, source: str, at: str) -> None:
+    """SpanqaError "SOURCE: AT: must be KIND, got TYPE" unless `value` is of `kind`."""
     # bool is an int subclass in Python, but `"answer_start": true` is a mistake, not an offset
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SpanqaError(f"{source}: {at}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}")
@@ -185,13 +205,14 @@ def _require(value: Any, kind: type, source: str, at: str) -> None:
 _MISSING = object()
 
 
-def _field(obj: dict, key: str, kind: type, source: str, at: str = "", default: Any = _MISSING) -> Any:
+def json_field(obj: dict, key: str, kind: type, source: str, at: str = "", default: Any = _MISSING) -> Any:
+    """obj[key] checked to be of `kind`, named by its JSON path in errors; required without a default."""
     path = f"{at}.{key}" if at else key
     if key not in obj:
         if default is _MISSING:
             raise SpanqaError(f"{source}: {path}: missing field")
         return default
-    _require(obj[key], kind, source, path)
+    require(obj[key], kind, source, path)
     return obj[key]
 
 

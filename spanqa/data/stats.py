@@ -12,16 +12,17 @@ once per distinct context (paragraph).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spanqa import flags, io
 from spanqa.data.squad import Example, load_squad
 from spanqa.data.store import WindowStore
-from spanqa.data.windows import WindowSettings, build_windows, load_tokenizer, quiet_transformers
+from spanqa.data.windows import WindowSettings, build_windows, quiet_transformers
 from spanqa.errors import SpanqaError
+from spanqa.io import load_tokenizer
 
 PLOTS = {
     "question_length.png": ("question_tokens", "question_words", "Question length"),
@@ -121,19 +122,23 @@ def plot(raw: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.axvline(limit, color="#cc3311", linestyle="--", label=f"{label} {limit}")
                 ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / file, dpi=100)
+        written.append(_save_png(fig, out_dir / file))
         plt.close(fig)
-        written.append(out_dir / file)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     counts = np.bincount(raw["windows_per_example"])
     ax.bar(np.arange(len(counts)), counts, color="#4477aa")
     ax.set_xlabel(f"windows per example ({settings.max_seq_length}/{settings.doc_stride})")
     ax.set_ylabel("examples")
     fig.tight_layout()
-    fig.savefig(out_dir / "windows_per_example.png", dpi=100)
+    written.append(_save_png(fig, out_dir / "windows_per_example.png"))
     plt.close(fig)
-    written.append(out_dir / "windows_per_example.png")
     return written
+
+
+def _save_png(fig, path: Path) -> Path:
+    with io.atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=100)
+    return path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -141,9 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("source", help="a SQuAD JSON file or a window store directory")
     parser.add_argument("--out", required=True, help="directory for stats.json and the PNG histograms")
     parser.add_argument("--tokenizer", help="fast tokenizer (default for a store: the one it was made with)")
-    parser.add_argument("--max_seq_length", type=int, default=384, help="windows of a SQuAD file")
-    parser.add_argument("--doc_stride", type=int, default=128)
-    parser.add_argument("--max_query_length", type=int, default=64)
+    flags.add_flags(parser, WindowSettings)  # the windows of a SQuAD file
     return parser.parse_args(argv)
 
 
@@ -152,12 +155,10 @@ def main(argv: list[str]) -> int:
     source, out_dir = Path(args.source), Path(args.out)
     if not source.exists():
         raise SpanqaError(f"{source}: no such file or window store")
-    settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
-    settings.validate()
-    raw = collect(source, args.tokenizer, settings)
+    raw = collect(source, args.tokenizer, flags.build_given(WindowSettings, args))
     result = report(raw, source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    io.write_json(out_dir / "stats.json", result)
     plot(raw, out_dir)
     for name, d in result["distributions"].items():
         print(

@@ -15,17 +15,12 @@ Per window (int16 holds any window position because max_seq_length <= 32767):
   window_lengths, context_start, context_end (inclusive), start_positions, end_positions  int16 [n]
                 (positions are 0 = the CLS index when the answer is not wholly inside the window)
   example_index int32 [n]: line of examples.jsonl the window belongs to
-  doc_offset    int32 [n]: index of the window's first context token among its example's context tokens
 examples.jsonl: one example per line (spanqa.data.squad.Example.to_json); meta.json: see `build_meta`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -35,8 +30,9 @@ import numpy as np
 from spanqa.data.squad import Example
 from spanqa.data.windows import WindowArrays
 from spanqa.errors import SpanqaError
+from spanqa.io import atomic_dir, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no doc_offset array
 META = "meta.json"
 EXAMPLES = "examples.jsonl"
 
@@ -50,7 +46,6 @@ DTYPES = {
     "start_positions": "int16",
     "end_positions": "int16",
     "example_index": "int32",
-    "doc_offset": "int32",
 }
 
 
@@ -73,7 +68,6 @@ class WindowStore:
         self.start_positions = arrays["start_positions"]
         self.end_positions = arrays["end_positions"]
         self.example_index = arrays["example_index"]
-        self.doc_offset = arrays["doc_offset"]
         self.second_type_id = int(meta["tokenizer"]["second_type_id"])
         self.reused = False  # set by prepare(): True when it found this store already built
 
@@ -209,6 +203,24 @@ def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> 
     starts = arrays["window_starts"]
     if n and (starts[0] != 0 or starts[-1] != tokens):
         raise SpanqaError(f"{path / 'window_starts.npy'}: does not cover the {tokens} tokens")
+    _check_labels(path, arrays)
+
+
+def _check_labels(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Every labelled answer lies inside its window's context (training trusts the labels: checking
+    them per batch would wait for the device at every step)."""
+    start, end = (np.asarray(arrays[k], np.int64) for k in ("start_positions", "end_positions"))
+    first, last = (np.asarray(arrays[k], np.int64) for k in ("context_start", "context_end"))
+    labelled = start > 0
+    bad = np.flatnonzero(
+        labelled & ~((first <= start) & (start <= end) & (end <= last)) | (~labelled & (end != 0))
+    )
+    if len(bad):
+        w = int(bad[0])
+        raise SpanqaError(
+            f"{path / 'start_positions.npy'}: window {w}: answer {start[w]}..{end[w]} is not a span inside "
+            f"its context {first[w]}..{last[w]} ({len(bad)} such windows)"
+        )
 
 
 def build_meta(arrays: WindowArrays, n_examples: int, **sections: Any) -> dict:
@@ -229,62 +241,11 @@ def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Exampl
 
     A store already at `out_dir` is replaced only after the new one is complete.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         for name in WindowArrays.ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(arrays, name).astype(meta["dtypes"][name], copy=False))
         with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-        # meta.json last: a directory without it is never taken for a store
-        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    return out_dir
-
-
-@contextmanager
-def _temporary_dir(out_dir: Path):
-    _remove_abandoned(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_abandoned(out_dir: Path) -> None:
-    """Delete temporary directories of writers that were killed (SIGKILL skips their cleanup)."""
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*-*"):
-        pid = tmp.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        # rename the old store aside first: rename cannot replace a non-empty directory
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+        write_json(tmp / META, meta)  # meta.json last: a directory without it is never taken for a store
+    return Path(out_dir)

@@ -18,7 +18,6 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,21 @@ TOKENIZE_BATCH = 2048  # texts per tokenizer call: big enough for the Rust threa
 
 @dataclass(frozen=True)
 class WindowSettings:
+    """How questions and contexts are cut into windows: part of a window store's identity."""
+
     max_seq_length: int = 384
+    """Tokens per window (question + context + special tokens)."""
     doc_stride: int = 128
+    """Tokens between the starts of consecutive windows of a long context."""
     max_query_length: int = 64
+    """Question tokens kept per window."""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self, n_special: int = 3) -> None:
-        """`n_special`: special tokens in the pair template ([CLS] q [SEP] c [SEP] has 3)."""
+        """SpanqaError naming the flag; `n_special`: special tokens in the pair template ([CLS] q
+        [SEP] c [SEP] has 3)."""
         for name in ("max_seq_length", "doc_stride", "max_query_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -88,7 +96,6 @@ class WindowArrays:
     start_positions: np.ndarray
     end_positions: np.ndarray
     example_index: np.ndarray
-    doc_offset: np.ndarray  # index of the window's first context token among its example's context tokens
     stats: dict[str, Any] = field(default_factory=dict)
 
     ARRAYS = (
@@ -101,30 +108,7 @@ class WindowArrays:
         "start_positions",
         "end_positions",
         "example_index",
-        "doc_offset",
     )
-
-
-def load_tokenizer(name_or_path: str | Path) -> Any:
-    """A fast (Rust) Hugging Face tokenizer; SpanqaError when it cannot be loaded or is not fast."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    except Exception as err:  # transformers raises OSError, ValueError, HF hub errors, ...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpanqaError(
-            f"--tokenizer: cannot load a tokenizer from {str(name_or_path)!r}: {first_line}"
-        ) from None
-    check_fast(tokenizer, str(name_or_path))
-    return tokenizer
-
-
-def check_fast(tokenizer: Any, name: str) -> None:
-    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise SpanqaError(
-            f"--tokenizer: {name!r} is not a fast tokenizer (character offsets need a tokenizer.json backend)"
-        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -250,7 +234,7 @@ def _assemble(
     suffix = np.asarray(template.suffix, np.int64)
     pieces_ids: list[np.ndarray] = []
     pieces_offsets: list[np.ndarray] = []
-    rows: list[tuple[int, int, int, int, int, int, int]] = []
+    rows: list[tuple[int, int, int, int, int, int]] = []
     labelled = 0
     for ex_i, ex in enumerate(tqdm(examples, desc="windows", unit="question", disable=not progress)):
         q = np.asarray(questions[ex_i], np.int64)
@@ -272,8 +256,8 @@ def _assemble(
                 s_pos, e_pos = cstart + answer[0] - start, cstart + answer[1] - start
                 labelled += 1
             total = len(head) + length + len(suffix)
-            rows.append((total, cstart, cstart + length - 1, s_pos, e_pos, ex_i, start))
-    table = np.asarray(rows, np.int64).reshape(-1, 7)
+            rows.append((total, cstart, cstart + length - 1, s_pos, e_pos, ex_i))
+    table = np.asarray(rows, np.int64).reshape(-1, 6)
     input_ids = np.concatenate(pieces_ids) if pieces_ids else np.zeros(0, np.int64)
     char_offsets = np.concatenate(pieces_offsets) if pieces_offsets else np.zeros((0, 2), np.int32)
     starts = np.zeros(len(table) + 1, np.int64)
@@ -288,6 +272,5 @@ def _assemble(
         start_positions=table[:, 3].astype(np.int16),
         end_positions=table[:, 4].astype(np.int16),
         example_index=table[:, 5].astype(np.int32),
-        doc_offset=table[:, 6].astype(np.int32),
         stats={"windows_with_answer": labelled},
     )

@@ -3,19 +3,19 @@
     spanqa evaluate --data_file dev-v2.0.json --predictions predictions.json [--null_odds null_odds.json]
 
 prints every figure as one JSON object on stdout; warnings (ids missing from or unknown to the data) go to
-stderr. Also the writer of the prediction files that training leaves in OUTPUT_DIR/eval/.
+stderr. Also the writer of the prediction files that training leaves in OUTPUT_DIR/eval/ (and that
+`spanqa predict` writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from spanqa import io
 from spanqa.errors import SpanqaError
 from spanqa.eval.squad_metric import (
     check_null_odds_cover,
@@ -24,12 +24,11 @@ from spanqa.eval.squad_metric import (
     validate_null_odds,
     validate_predictions,
 )
-from spanqa.files import read_json
+from spanqa.io import read_json
 
 PREDICTIONS_FILE = "predictions.json"
 NULL_ODDS_FILE = "null_odds.json"
 REPORT_FILE = "eval_report.json"
-NBEST_FILE = "nbest_predictions.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -64,7 +63,7 @@ def main(argv: list[str]) -> int:
     report = squad_v2_scores(golds, predictions, null_odds, args.null_threshold)
     if args.out:
         try:
-            write_json_atomic(Path(args.out), report)
+            io.write_json(Path(args.out), report)
         except OSError as err:
             raise SpanqaError(f"{args.out}: --out: cannot write ({err.strerror})") from None
     print(json.dumps(report, indent=2))
@@ -91,9 +90,8 @@ def write_prediction_files(
     predictions: Mapping[str, str],
     null_odds: Mapping[str, float],
     report: Mapping,
-    nbest: Mapping[str, list] | None = None,
 ) -> dict[str, Path]:
-    """Write predictions.json, null_odds.json, eval_report.json (and nbest_predictions.json) into out_dir.
+    """Write predictions.json, null_odds.json and eval_report.json into out_dir.
 
     The first two are in the formats the official scorer takes (`--pred_file`, `--na-prob-file`). Infinite
     null odds (a question with no valid span) are written as ±1e30 so that the files stay strict JSON.
@@ -105,25 +103,7 @@ def write_prediction_files(
         NULL_ODDS_FILE: {qid: _finite(v) for qid, v in null_odds.items()},
         REPORT_FILE: dict(report),
     }
-    if nbest is not None:
-        files[NBEST_FILE] = dict(nbest)
-    written = {}
-    for name, content in files.items():
-        written[name] = write_json_atomic(out_dir / name, content)
-    return written
-
-
-def write_json_atomic(path: Path, content: object) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(content, f, ensure_ascii=False, allow_nan=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return {name: io.write_json(out_dir / name, content, indent=1) for name, content in files.items()}
 
 
 def _finite(value: float) -> float:

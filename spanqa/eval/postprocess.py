@@ -1,138 +1,50 @@
-"""From per-window scores to one answer per question: n-best span search, selection across windows, null odds.
+"""From per-window candidates to one answer per question: selection across windows and null odds.
 
-Everything is array work over whole batches of windows (numpy broadcasting of the n_best × n_best start/end
-pairs, then one sort by example); Python only slices the chosen answer out of each context at the end.
+Everything is array work over all windows at once (one sort by example); Python only slices the chosen
+answer out of each context at the end. `AnswerSettings` are the knobs, shared by training's evaluation,
+the export and `spanqa predict`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from spanqa.errors import SpanqaError
 from spanqa.eval.candidates import WindowCandidates
 
-# Windows per chunk in span_candidates: small enough that a chunk of length-sorted windows can drop the
-# columns none of its windows uses, large enough that numpy's per-call overhead stays negligible.
-_CHUNK_WINDOWS = 512
 
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How window scores become answers: part of an exported model, read back by `spanqa predict`."""
 
-def span_candidates(
-    start_logits: np.ndarray,
-    end_logits: np.ndarray,
-    context_mask: np.ndarray,
-    n_best: int = 20,
-    max_answer_length: int = 30,
-) -> WindowCandidates:
-    """The span head's best `n_best` spans per window, from padded [n_windows, L] logits.
+    max_answer_length: int = 30
+    """Longest answer span, in tokens, considered at prediction time."""
+    n_best_size: int = 20
+    """Candidate spans kept per window."""
+    version_2_with_negative: bool = True
+    """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted."""
+    null_score_diff_threshold: float = 0.0
+    """Predict no answer when null score − best span score exceeds this."""
 
-    Spans are drawn from the `n_best` best context starts and the `n_best` best context ends (as
-    transformers' run_qa does, but among context tokens only), must end at or after their start and be at
-    most `max_answer_length` tokens long; a span scores start + end logit, the null answer the CLS (index 0)
-    start + end logit, added in float32. Rows come out best first, -inf where a window has fewer valid spans
-    than `n_best`. Equal scores go to the earlier start, then the earlier end.
-    """
-    start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-    context_mask = np.asarray(context_mask, dtype=bool)
-    if start_logits.ndim != 2 or not start_logits.shape == end_logits.shape == context_mask.shape:
-        raise ValueError(
-            f"logit/mask shapes disagree: {start_logits.shape}, {end_logits.shape}, {context_mask.shape}"
-        )
-    if n_best < 1 or max_answer_length < 1:
-        raise ValueError(f"n_best ({n_best}) and max_answer_length ({max_answer_length}) must be >= 1")
-    n, length = start_logits.shape
-    out = WindowCandidates(
-        scores=np.full((n, n_best), -np.inf, np.float32),
-        starts=np.zeros((n, n_best), np.int32),
-        ends=np.zeros((n, n_best), np.int32),
-        null_scores=start_logits[:, 0].astype(np.float32) + end_logits[:, 0].astype(np.float32)
-        if length
-        else np.full(n, -np.inf, np.float32),
-    )
-    has_context = context_mask.any(axis=1)
-    first = np.argmax(context_mask, axis=1)
-    last = length - 1 - np.argmax(context_mask[:, ::-1], axis=1)
-    # windows in order of their context span, so that each chunk is a narrow band of columns
-    order = np.flatnonzero(has_context)
-    order = order[np.lexsort((first[order], last[order]))]
-    for i in range(0, len(order), _CHUNK_WINDOWS):
-        rows = order[i : i + _CHUNK_WINDOWS]
-        lo, hi = int(first[rows].min()), int(last[rows].max()) + 1
-        scores, starts, ends = _chunk_candidates(
-            start_logits[rows, lo:hi],
-            end_logits[rows, lo:hi],
-            context_mask[rows, lo:hi],
-            n_best,
-            max_answer_length,
-        )
-        out.scores[rows], out.starts[rows], out.ends[rows] = scores, starts + lo, ends + lo
-    return out
+    def __post_init__(self) -> None:
+        for name in ("max_answer_length", "n_best_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpanqaError(f"--{name}: must be a positive integer, got {value!r}")
+        if math.isnan(self.null_score_diff_threshold):
+            raise SpanqaError("--null_score_diff_threshold: must be a number, got nan")
 
+    @property
+    def null_threshold(self) -> float:
+        """The null-odds threshold for answer selection; +inf never predicts "no answer" (SQuAD v1.1)."""
+        return self.null_score_diff_threshold if self.version_2_with_negative else math.inf
 
-def _chunk_candidates(
-    start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray, n_best: int, max_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top spans of a chunk of windows whose columns were cut to their context band."""
-    start = np.where(context_mask, start_logits.astype(np.float32, copy=False), np.float32(-np.inf))
-    end = np.where(context_mask, end_logits.astype(np.float32, copy=False), np.float32(-np.inf))
-    # the best starts and ends in position order: the pairs' flat order then breaks score ties by position
-    top_starts, start_values = _top_k(start, n_best, by_value=False)  # [c, s]
-    top_ends, end_values = _top_k(end, n_best, by_value=False)  # [c, e]
-    # float32 sums, as the model's float32 logits add (and as run_qa adds them); half the bytes of float64
-    # for numpy's SIMD sort in _top_k
-    pair_scores = start_values[:, :, None] + end_values[:, None, :]
-    span = top_ends[:, None, :] - top_starts[:, :, None]  # length - 1
-    # viewed as unsigned, an end before its start is a huge length: one comparison tests both rules
-    np.copyto(pair_scores, -np.inf, where=span.view(np.uint32) >= max_len)
-    pair_scores = pair_scores.reshape(len(pair_scores), -1)
-    best, scores = _top_k(pair_scores, n_best)
-    n_ends = top_ends.shape[1]
-    starts = _gather_rows(top_starts, best // n_ends)
-    ends = _gather_rows(top_ends, best % n_ends)
-    found = np.isfinite(scores)
-    starts, ends = np.where(found, starts, 0), np.where(found, ends, 0)
-    if scores.shape[1] < n_best:  # fewer columns than n_best: pad to the promised width
-        pad = ((0, 0), (0, n_best - scores.shape[1]))
-        scores = np.pad(scores, pad, constant_values=-np.inf)
-        starts, ends = np.pad(starts, pad), np.pad(ends, pad)
-    return scores.astype(np.float32), starts.astype(np.int32), ends.astype(np.int32)
-
-
-def _top_k(values: np.ndarray, k: int, by_value: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices and values of the k largest entries of each row, largest first, ties by column
-    (or, with by_value=False, in column order).
-
-    Finds each row's k-th largest value with a plain sort (numpy's SIMD sort beats argpartition here by
-    2-3x), keeps the entries above it plus the leftmost entries equal to it, then orders those k.
-    Indexing goes through flat positions (one gather each) rather than take_along_axis.
-    """
-    values = np.ascontiguousarray(values)
-    n, width = values.shape
-    k = min(k, width)
-    ordered = np.sort(values, axis=1)
-    if np.isnan(ordered[:, -1]).any():  # sort puts NaN last
-        raise ValueError("NaN among the start/end logits of context tokens (a diverged model?)")
-    kth = ordered[:, width - k, None]
-    chosen = values >= kth
-    excess = np.flatnonzero(np.count_nonzero(chosen, axis=1) > k)
-    if len(excess):  # ties at the k-th value (e.g. -inf in a window with few valid spans): leftmost win
-        sub, sub_kth = values[excess], kth[excess]
-        above = sub > sub_kth
-        tie = sub == sub_kth
-        need = k - np.count_nonzero(above, axis=1)[:, None]
-        chosen[excess] = above | (tie & (np.cumsum(tie, axis=1) <= need))
-    flat = np.flatnonzero(chosen).reshape(n, k)  # row-major: each row's k positions, in column order
-    flat_values = values.reshape(-1)
-    if by_value:
-        rank = np.argsort(-flat_values[flat], axis=1, kind="stable")
-        flat = flat.reshape(-1)[rank + (k * np.arange(n))[:, None]]
-    columns = flat - (width * np.arange(n))[:, None]
-    return columns.astype(np.int32), flat_values[flat]
-
-
-def _gather_rows(table: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """table[i, columns[i, j]] for every i, j (take_along_axis through one flat gather)."""
-    return table.reshape(-1)[columns + (table.shape[1] * np.arange(len(table)))[:, None]]
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def select_answers(
@@ -209,42 +121,3 @@ def _answer_texts(best: dict[str, np.ndarray], store: Any, examples: list) -> li
     usable = has_span & (first >= 0)
     first, last = np.where(usable, first, 0).tolist(), np.where(usable, last, 0).tolist()
     return [ex.context[lo:hi] for ex, lo, hi in zip(examples, first, last, strict=True)]
-
-
-def nbest_answers(
-    cands: WindowCandidates, window_indices: np.ndarray, store: Any, n: int = 20
-) -> dict[str, list[dict]]:
-    """Up to `n` best candidates per example over all its windows: text, score, character span.
-
-    For inspection (the n-best file); the null answer is reported by the null odds, not listed here.
-    """
-    examples = store.examples()
-    window_indices = np.asarray(window_indices, dtype=np.int64)
-    k = cands.scores.shape[1]
-    flat_score = cands.scores.reshape(-1).astype(np.float64)
-    flat_window = np.repeat(window_indices, k)
-    flat_example = np.asarray(store.example_index[flat_window], dtype=np.int64)
-    idx = np.flatnonzero(np.isfinite(flat_score))
-    order = idx[np.lexsort((-flat_score[idx], flat_example[idx]))]
-    out: dict[str, list[dict]] = {ex.id: [] for ex in examples}
-    if not len(order):
-        return out
-    grouped = flat_example[order]
-    rank = np.arange(len(order)) - np.maximum.accumulate(
-        np.where(np.r_[True, grouped[1:] != grouped[:-1]], np.arange(len(order)), 0)
-    )
-    order = order[rank < n]
-    base = np.asarray(store.window_starts[flat_window[order]], dtype=np.int64)
-    first = np.asarray(store.char_offsets[base + cands.starts.reshape(-1)[order], 0], dtype=np.int64)
-    last = np.asarray(store.char_offsets[base + cands.ends.reshape(-1)[order], 1], dtype=np.int64)
-    for j, flat in enumerate(order.tolist()):
-        ex = examples[flat_example[flat]]
-        out[ex.id].append(
-            {
-                "text": ex.context[first[j] : last[j]],
-                "score": float(flat_score[flat]),
-                "start_char": int(first[j]),
-                "end_char": int(last[j]),
-            }
-        )
-    return out

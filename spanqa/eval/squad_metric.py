@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spanqa.data.squad import json_field, require, walk_questions
 from spanqa.errors import SpanqaError
-from spanqa.files import read_json
+from spanqa.io import read_json
+
+# The figures a run can pick its best checkpoint by (higher is better).
+SELECTION_METRICS = ("exact", "f1", "best_exact", "best_f1")
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)  # deletes exactly the official set
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -98,21 +102,15 @@ def read_gold_questions(path: str | Path) -> list[GoldQuestion]:
     Scoring must see the golds the official scorer sees, so this reader neither repairs nor drops answers
     (the training-side parser may); it only checks the structure the scorer relies on.
     """
-    data = read_json(path, "data file")
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise SpanqaError(f"{path}: $.data: expected a list of articles (a SQuAD JSON file)")
     golds = []
-    for a, article in enumerate(data["data"]):
-        for p, paragraph in enumerate(_field(article, "paragraphs", list, f"{path}: $.data[{a}]")):
-            where = f"{path}: $.data[{a}].paragraphs[{p}]"
-            for q, qa in enumerate(_field(paragraph, "qas", list, where)):
-                qa_where = f"{where}.qas[{q}]"
-                qid = _field(qa, "id", str, qa_where)
-                answers = _field(qa, "answers", list, qa_where)
-                texts = tuple(
-                    _field(ans, "text", str, f"{qa_where}.answers[{i}]") for i, ans in enumerate(answers)
-                )
-                golds.append(GoldQuestion(qid, texts))
+    for raw in walk_questions(read_json(path, "data file"), str(path)):
+        qid = json_field(raw.qa, "id", str, str(path), raw.at)
+        answers = json_field(raw.qa, "answers", list, str(path), raw.at)
+        texts = []
+        for i, answer in enumerate(answers):
+            require(answer, dict, str(path), f"{raw.at}.answers[{i}]")
+            texts.append(json_field(answer, "text", str, str(path), f"{raw.at}.answers[{i}]"))
+        golds.append(GoldQuestion(qid, tuple(texts)))
     return golds
 
 
@@ -292,12 +290,6 @@ def _unique_by_id(golds: list[GoldQuestion]) -> dict[str, GoldQuestion]:
     for gold in golds:
         questions[gold.id] = gold
     return questions
-
-
-def _field(obj: Any, key: str, kind: type, where: str) -> Any:
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
-        raise SpanqaError(f"{where}.{key}: expected {kind.__name__}")
-    return obj[key]
 
 
 def _kind(value: Any) -> str:

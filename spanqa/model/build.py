@@ -1,34 +1,24 @@
-"""The QA model (a `transformers` encoder + a span or CRF head), and its export to / load from a directory.
+"""The QA model (a `transformers` encoder + a span or CRF head), and its weights in Hugging Face format.
 
-The span head exports as transformers' own `AutoModelForQuestionAnswering` checkpoint (encoder +
-`qa_outputs`), so anything that reads Hugging Face QA models reads it; the CRF head exports the encoder plus
-`crf_head.safetensors`. Either way `spanqa_config.json` says which head and with which settings, and
-`load_model` rebuilds the same `QAModel` without DeepSpeed.
+The span head saves as transformers' own `AutoModelForQuestionAnswering` checkpoint (encoder +
+`qa_outputs`), so anything that reads Hugging Face QA models reads it; the CRF head saves the encoder plus
+`crf_head.safetensors`. `spanqa.export` wraps these with the tokenizer and spanqa's settings.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from spanqa.errors import SpanqaError
-from spanqa.eval.candidates import WindowCandidates
 from spanqa.model.heads import HEADS
 
-SPANQA_CONFIG = "spanqa_config.json"
 CRF_HEAD_FILE = "crf_head.safetensors"
-EXPORT_FORMAT_VERSION = 1
 
 
 class QAModel(nn.Module):
@@ -39,7 +29,7 @@ class QAModel(nn.Module):
     def __init__(self, encoder: nn.Module, head_name: str) -> None:
         super().__init__()
         if head_name not in HEADS:
-            raise SpanqaError(f"--head: unknown head {head_name!r} (choose from {', '.join(HEADS)})")
+            raise ValueError(f"unknown head {head_name!r} (choose from {', '.join(HEADS)})")
         config = encoder.config
         self.encoder = encoder
         self.head_name = head_name
@@ -70,18 +60,13 @@ class QAModel(nn.Module):
         hidden = self.encoder(**inputs).last_hidden_state
         return self.head(hidden, attention_mask, context_mask, start_positions, end_positions)
 
-    def candidates(
-        self, outputs: dict[str, Tensor], context_mask: Tensor, n_best: int = 20, max_answer_length: int = 30
-    ) -> WindowCandidates:
-        """The top `n_best` spans and the null score of every window in the batch (numpy, fp32)."""
-        return self.head.candidates(outputs, context_mask, n_best=n_best, max_answer_length=max_answer_length)
-
 
 def build_model(model_name_or_path: str, head: str = "span", attn_implementation: str = "sdpa") -> QAModel:
     """A pretrained encoder (local directory or hub name; never remote code) with a fresh `head`, in train
-    mode and fp32 (mixed precision is DeepSpeed's business, and it wants fp32 master weights)."""
+    mode and fp32 (mixed precision is DeepSpeed's business, and it wants fp32 master weights).
+    Raises what transformers raises for a model it cannot load (OSError, ValueError, ...)."""
     if head not in HEADS:
-        raise SpanqaError(f"--head: unknown head {head!r} (choose from {', '.join(HEADS)})")
+        raise ValueError(f"unknown head {head!r} (choose from {', '.join(HEADS)})")
     encoder = load_encoder(model_name_or_path, attn_implementation)
     _drop_pooler(encoder)
     return QAModel(encoder, head).train()
@@ -89,16 +74,10 @@ def build_model(model_name_or_path: str, head: str = "span", attn_implementation
 
 def load_encoder(model_name_or_path: str, attn_implementation: str = "sdpa", **kwargs: Any) -> nn.Module:
     """`AutoModel.from_pretrained` in fp32, falling back from SDPA to eager attention for architectures
-    without SDPA support; anything that cannot load becomes one SpanqaError line naming the model."""
+    without SDPA support."""
     from transformers import AutoModel
 
-    _check_local_path(model_name_or_path)
-    try:
-        return _from_pretrained(AutoModel, model_name_or_path, attn_implementation, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise SpanqaError(
-            f"--model {model_name_or_path}: cannot load the encoder: {_first_line(err)}"
-        ) from err
+    return _from_pretrained(AutoModel, model_name_or_path, attn_implementation, **kwargs)
 
 
 def _from_pretrained(auto_class, name: str, attn_implementation: str, **kwargs: Any) -> nn.Module:
@@ -109,18 +88,6 @@ def _from_pretrained(auto_class, name: str, attn_implementation: str, **kwargs: 
         if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
             raise
         return auto_class.from_pretrained(name, attn_implementation="eager", **load)
-
-
-def _check_local_path(name: str) -> None:
-    # A path-like name that does not exist would otherwise be tried as a hub repo, with network retries.
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise SpanqaError(f"--model {name}: no such model directory")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _drop_pooler(encoder: nn.Module) -> None:
@@ -140,33 +107,17 @@ def _no_pooler_kwargs(config) -> dict[str, Any]:
     return {"add_pooling_layer": False} if takes_it else {}
 
 
-# ---------------------------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------------- save and load
 
 
-def export_model(model: QAModel, tokenizer: Any, out_dir: str | Path, settings: dict) -> None:
-    """Write `model` + `tokenizer` to `out_dir` in Hugging Face format (safetensors, fp32) with
-    `spanqa_config.json` = {"head", **settings}. Atomic: a temporary directory renamed into place, an
-    existing export replaced only once the new one is complete."""
+def save_pretrained(model: QAModel, out_dir: str | Path) -> None:
+    """Write `model`'s weights into the directory `out_dir` in Hugging Face format (safetensors, fp32)."""
     if not isinstance(model, QAModel):
-        raise TypeError(f"export_model needs a QAModel, got {type(model).__name__}")
-    if settings.get("head", model.head_name) != model.head_name:
-        raise ValueError(f"settings say head {settings['head']!r} but the model has {model.head_name!r}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the rest of a shared cluster
-        if model.head_name == "span":
-            _save_span_model(model, tmp)
-        else:
-            _save_crf_model(model, tmp)
-        tokenizer.save_pretrained(str(tmp))
-        spanqa_config = {"format_version": EXPORT_FORMAT_VERSION, **settings, "head": model.head_name}
-        (tmp / SPANQA_CONFIG).write_text(json.dumps(spanqa_config, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise TypeError(f"save_pretrained needs a QAModel, got {type(model).__name__}")
+    if model.head_name == "span":
+        _save_span_model(model, Path(out_dir))
+    else:
+        _save_crf_model(model, Path(out_dir))
 
 
 def _fp32_state(module: nn.Module) -> dict[str, Tensor]:
@@ -179,8 +130,12 @@ def _save_span_model(model: QAModel, out: Path) -> None:
     from transformers import AutoModelForQuestionAnswering
 
     # A fresh fp32 QA model of the same architecture, filled with our weights: the export is then exactly
-    # transformers' checkpoint, whatever dtype DeepSpeed left our modules in.
-    qa = AutoModelForQuestionAnswering.from_config(copy.deepcopy(model.encoder.config), dtype=torch.float32)
+    # transformers' checkpoint, whatever dtype DeepSpeed left our modules in. Built under a private RNG
+    # state: its (overwritten) random init must not draw from the training run's streams.
+    with torch.random.fork_rng(devices=[]):
+        qa = AutoModelForQuestionAnswering.from_config(
+            copy.deepcopy(model.encoder.config), dtype=torch.float32
+        )
     missing, unexpected = qa.base_model.load_state_dict(_fp32_state(model.encoder), strict=False)
     missing = [k for k in missing if not k.startswith("pooler.")]
     if missing or unexpected:
@@ -195,58 +150,25 @@ def _save_crf_model(model: QAModel, out: Path) -> None:
     from transformers import AutoModel
 
     config = copy.deepcopy(model.encoder.config)
-    encoder = AutoModel.from_config(config, dtype=torch.float32, **_no_pooler_kwargs(config))
+    with torch.random.fork_rng(devices=[]):
+        encoder = AutoModel.from_config(config, dtype=torch.float32, **_no_pooler_kwargs(config))
     encoder.load_state_dict(_fp32_state(model.encoder))
     encoder.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in _fp32_state(model.head).items()}, str(out / CRF_HEAD_FILE))
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def from_pretrained(model_dir: str | Path, head: str, attn_implementation: str = "sdpa") -> QAModel:
+    """The QAModel saved by `save_pretrained` in `model_dir`, in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering
 
-
-# ------------------------------------------------------------------------------------------------ load
-
-
-def load_model(model_dir: str | Path, attn_implementation: str = "sdpa") -> tuple[QAModel, Any, dict]:
-    """An exported model, its tokenizer and its `spanqa_config.json`, in eval mode (no DeepSpeed needed)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    spanqa_config = read_spanqa_config(model_dir)
-    head = spanqa_config["head"]
-    try:
-        if head == "span":
-            qa = _from_pretrained(AutoModelForQuestionAnswering, str(model_dir), attn_implementation)
-            model = QAModel(qa.base_model, "span")
-            model.head.qa_outputs.load_state_dict(qa.qa_outputs.state_dict())
-        else:
-            no_pooler = _no_pooler_kwargs(AutoConfig.from_pretrained(str(model_dir)))
-            encoder = _from_pretrained(AutoModel, str(model_dir), attn_implementation, **no_pooler)
-            model = QAModel(encoder, "crf")
-            model.head.load_state_dict(load_file(str(model_dir / CRF_HEAD_FILE)))
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise SpanqaError(f"{model_dir}: cannot load the exported {head} model: {_first_line(err)}") from err
-    return model.eval(), tokenizer, spanqa_config
-
-
-def read_spanqa_config(model_dir: str | Path) -> dict:
-    """`spanqa_config.json` of an export; SpanqaError if the directory is not a spanqa export."""
-    path = Path(model_dir) / SPANQA_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise SpanqaError(f"{path}: missing: {model_dir} is not a model exported by spanqa") from err
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpanqaError(f"{path}: unreadable: {_first_line(err)}") from err
-    if not isinstance(config, dict) or config.get("head") not in HEADS:
-        head = config.get("head") if isinstance(config, dict) else None
-        raise SpanqaError(f"{path}: head: expected one of {', '.join(HEADS)}, got {head!r}")
-    return config
+    model_dir = str(model_dir)
+    if head == "span":
+        qa = _from_pretrained(AutoModelForQuestionAnswering, model_dir, attn_implementation)
+        model = QAModel(qa.base_model, "span")
+        model.head.qa_outputs.load_state_dict(qa.qa_outputs.state_dict())
+    else:
+        no_pooler = _no_pooler_kwargs(AutoConfig.from_pretrained(model_dir))
+        encoder = _from_pretrained(AutoModel, model_dir, attn_implementation, **no_pooler)
+        model = QAModel(encoder, head)
+        model.head.load_state_dict(load_file(str(Path(model_dir) / CRF_HEAD_FILE)))
+    return model.eval()

@@ -1,8 +1,8 @@
 """The two answer heads on top of the encoder's hidden states: start/end span logits, or BIO tags + a CRF.
 
 Both return a dict of fp32 tensors whatever the encoder's dtype (fp16/bf16 logits would make the loss and
-the scores that compare windows and the null answer lose precision), and both turn their outputs into the
-head-independent `WindowCandidates` that answer selection consumes.
+the scores that compare windows and the null answer lose precision). Turning them into answer candidates
+is evaluation's job (`spanqa.eval.candidates`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spanqa.eval.candidates import WindowCandidates
-from spanqa.model.crf import CRF, bio_tags
-from spanqa.model.crf import span_candidates as crf_span_candidates
+from spanqa.model.crf import CRF, TAG_B, TAG_I, TAG_O
 
 NUM_BIO_TAGS = 3  # O, B, I (spanqa.model.crf.TAG_O/TAG_B/TAG_I)
 
@@ -51,20 +49,6 @@ class SpanHead(nn.Module):
                 start_logits, end_logits, attention_mask, start_positions, end_positions
             )
         return outputs
-
-    @torch.no_grad()
-    def candidates(
-        self, outputs: dict[str, Tensor], context_mask: Tensor, n_best: int = 20, max_answer_length: int = 30
-    ) -> WindowCandidates:
-        from spanqa.eval.postprocess import span_candidates
-
-        return span_candidates(
-            _numpy32(outputs["start_logits"]),
-            _numpy32(outputs["end_logits"]),
-            context_mask.bool().cpu().numpy(),
-            n_best=n_best,
-            max_answer_length=max_answer_length,
-        )
 
 
 def span_loss(
@@ -115,22 +99,20 @@ class CRFHead(nn.Module):
             outputs["loss"] = -log_likelihood
         return outputs
 
-    @torch.no_grad()
-    def candidates(
-        self, outputs: dict[str, Tensor], context_mask: Tensor, n_best: int = 20, max_answer_length: int = 30
-    ) -> WindowCandidates:
-        with torch.autocast(device_type=outputs["emissions"].device.type, enabled=False):
-            return crf_span_candidates(
-                self.crf,
-                outputs["emissions"].float(),
-                context_mask.bool(),
-                n_best=n_best,
-                max_answer_length=max_answer_length,
-            )
+
+def bio_tags(start_positions: Tensor, end_positions: Tensor, context_mask: Tensor) -> Tensor:
+    """BIO tags [B, T] (O=0, B=1, I=2) of each window's answer; start 0 (the CLS index) means all O.
+
+    Labels are trusted here (the window store checks them when it is opened): checking them per batch
+    would wait for the device at every step.
+    """
+    context = context_mask.bool()
+    length = context.shape[1]
+    starts = start_positions.long().view(-1, 1)
+    ends = end_positions.long().view(-1, 1)
+    positions = torch.arange(length, device=context.device).view(1, length)
+    inside = (starts <= positions) & (positions <= ends) & context & (starts > 0)
+    return torch.where(inside, torch.where(positions == starts, TAG_B, TAG_I), TAG_O)
 
 
-HEADS: dict[str, type[nn.Module]] = {"span": SpanHead, "crf": CRFHead}
-
-
-def _numpy32(tensor: Tensor):
-    return tensor.detach().float().cpu().numpy()
+HEADS: dict[str, type[nn.Module]] = {"span": SpanHead, "crf": CRFHead}  # keys: HEAD_NAMES, in order

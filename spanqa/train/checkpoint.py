@@ -9,8 +9,7 @@ A directory without `complete` (a save that was interrupted) is never taken by `
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -18,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spanqa import io
 from spanqa.errors import SpanqaError
+from spanqa.train.distributed import DistEnv, barrier
 
+log = logging.getLogger("spanqa.train")
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
 PREFIX = "step-"
@@ -64,9 +66,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 def mark_complete(path: Path, info: dict) -> None:
     """Atomically write the marker (with a small summary, for people) once all ranks saved."""
-    tmp = path / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path / COMPLETE)
+    io.write_json(path / COMPLETE, info)
 
 
 def prune(root: Path, keep: int) -> list[Path]:
@@ -105,12 +105,37 @@ def rng_file(path: Path, rank: int) -> Path:
 
 
 def save_rng(path: Path, rank: int) -> None:
-    tmp = path / f".rng-rank{rank}.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, rng_file(path, rank))
+    with io.atomic_file(rng_file(path, rank), binary=True) as f:
+        torch.save(rng_state(), f)
 
 
 def load_rng(path: Path, rank: int) -> dict | None:
     """This rank's saved RNG states; None when the run had fewer ranks (then the seed's stream goes on)."""
     file = rng_file(path, rank)
     return torch.load(file, weights_only=False) if file.is_file() else None
+
+
+def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int) -> Path:
+    """Collective: every rank saves its part; rank 0 marks the checkpoint complete afterwards and prunes
+    all but the newest `keep`."""
+    root, tag = checkpoint_root(output_dir), tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    save_rng(root / tag, env.rank)
+    barrier()
+    if env.is_main:
+        mark_complete(root / tag, {"step": step, "world_size": env.world_size})
+        prune(root, keep)
+        log.info(f"checkpoint {root / tag}")
+    barrier()
+    return root / tag
+
+
+def load(engine, path: Path, rank: int) -> dict:
+    """Restore the engine and this rank's RNG streams from a complete checkpoint; its client state."""
+    loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise SpanqaError(f"--resume: {path}: DeepSpeed could not load it")
+    rng = load_rng(path, rank)
+    if rng is not None:
+        set_rng_state(rng)
+    return client_state

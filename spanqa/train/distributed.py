@@ -103,14 +103,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few host numbers over all ranks with one collective (one host sync)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def sum_tensors(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks of a device tensor (no host sync by itself)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,7 +1,8 @@
 """`spanqa train ...`: train in this process, or as one rank of many under a launcher.
 
-Same flags as `launcher/train.py` (which `deepspeed`/torchrun/srun start once per GPU).
-This module imports no torch at import time, so that OMP_NUM_THREADS can still be set.
+Same flags as `launcher/train.py` and `python -m spanqa.train` (which `deepspeed`, torchrun or srun
+start once per GPU). This module imports no torch at import time, so that OMP_NUM_THREADS can still
+be set.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ def default_omp_threads(environ: dict | None = None) -> bool:
     return False
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "spanqa train") -> int:
     default_omp_threads()  # before torch is imported below
 
     from spanqa.config import parse_train_args
     from spanqa.train.distributed import PreemptionFlag, destroy_distributed, init_distributed
-    from spanqa.train.engine import Trainer
+    from spanqa.train.trainer import Trainer
 
-    config = parse_train_args(argv)  # a bad flag stops here: nothing is written
+    config = parse_train_args(argv, prog=prog)  # a bad flag stops here: nothing is written
     # Installed until the process ends: a SIGTERM while the run closes (SLURM sends one to every
     # task after `scontrol requeue`) must not kill it before MLflow has the last metrics.
     preemption = PreemptionFlag()
@@ -51,3 +52,17 @@ def main(argv: list[str]) -> int:
     finally:
         destroy_distributed()
     return 0
+
+
+def run_script(prog: str) -> None:
+    """`launcher/train.py` and `python -m spanqa.train`: main() with a one-line error and exit 2 on
+    bad input."""
+    import sys
+
+    from spanqa.errors import SpanqaError
+
+    try:
+        sys.exit(main(sys.argv[1:], prog=prog))
+    except SpanqaError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from spanqa import io
+
 # Score keys drawn in the right panel when present, with their line styles.
 SCORE_CURVES = {
     "exact": ("EM", "-"),
@@ -36,9 +38,8 @@ def plot_training_curves(history: list[dict], out_png: str | os.PathLike) -> Pat
     figure.tight_layout()
 
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.{os.getpid()}.png")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    with io.atomic_file(out_png, binary=True) as f:
+        figure.savefig(f, format="png")
     return out_png
 
 

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from spanqa import io
+
 log = logging.getLogger(__name__)  # under "spanqa.train": the trainer's rank-prefixed handler
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -48,7 +50,6 @@ BOUNDED_HTTP_ENV = {
 
 # MLflow's limits (mlflow/utils/validation.py): longer values are rejected, not truncated.
 MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -66,9 +67,6 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
     def flush(self) -> bool:
@@ -133,12 +131,6 @@ def bounded_http() -> Iterator[None]:
     finally:
         for name in added:
             os.environ.pop(name, None)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _ClientError(Exception):
@@ -207,12 +199,6 @@ class Tracker:
         self._pending.append(record)
         self.flush()
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        values = {str(k)[:MAX_KEY_LENGTH]: _as_text(v)[:MAX_TAG_VALUE_LENGTH] for k, v in tags.items()}
-        if values:
-            self._pending.append({"kind": "tags", "tags": values})
-            self.flush()
-
     def flush(self) -> bool:
         """Send everything pending; True when nothing is left. Cheap while the server is known down."""
         self._last_flush = time.monotonic()
@@ -276,7 +262,7 @@ class Tracker:
         tags = resolve_tags(self._initial_tags)
         run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
-        write_text_atomic(self.output_dir / RUN_ID_FILE, self.run_id + "\n")
+        io.write_text(self.output_dir / RUN_ID_FILE, self.run_id + "\n")
         self._run_ready = True
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment_name, self.tracking_uri)
 
@@ -421,7 +407,7 @@ class Tracker:
             "experiment": self.experiment_name,
         }
         lines = [json.dumps(header)] + [json.dumps(record, default=str) for record in self._pending]
-        write_text_atomic(path, "\n".join(lines) + "\n")
+        io.write_text(path, "\n".join(lines) + "\n")
         count = len(self._pending)
         log.warning("MLflow at %s did not take %d records; wrote them to %s", self.tracking_uri, count, path)
 

@@ -1,6 +1,6 @@
-"""Cut the bundled demo sample out of real SQuAD v2.0 files (how data/sample/*.json were made).
+"""Cut the bundled demo sample out of real SQuAD v2.0 files (how spanqa/sample/*.json were made).
 
-    python data/sample/make_sample.py ../shared/data/squad2 data/sample \
+    python spanqa/sample/make_sample.py ../shared/data/squad2 spanqa/sample \
         --train_questions 2000 --dev_questions 500
 
 Whole paragraphs are taken round-robin across articles (train: the official train set's first 10
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from spanqa.io import write_text
 
 
 def take_paragraphs(articles: list[dict], max_questions: int) -> list[dict]:
@@ -38,7 +40,7 @@ def take_paragraphs(articles: list[dict], max_questions: int) -> list[dict]:
 def write_sample(source: Path, out: Path, max_questions: int) -> int:
     data = json.loads(source.read_text(encoding="utf-8"))
     articles = take_paragraphs(data["data"], max_questions)
-    out.write_text(json.dumps({"version": data["version"], "data": articles}, ensure_ascii=False), "utf-8")
+    write_text(out, json.dumps({"version": data["version"], "data": articles}, ensure_ascii=False))
     return sum(len(p["qas"]) for a in articles for p in a["paragraphs"])
 
 

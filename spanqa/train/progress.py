@@ -1,0 +1,47 @@
+"""What a person watching a run sees: rank-prefixed log lines and progress bars that never mix.
+
+Log lines go through tqdm's writer, so a line never glues onto a bar that is being drawn. Rank 0 says
+what happens; the other ranks only warn.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+log = logging.getLogger("spanqa.train")
+
+
+class TqdmHandler(logging.Handler):
+    """Writes each record on its own line above any live bar (plain stderr when there is none)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise into the training loop
+            self.handleError(record)
+
+
+def setup_logging(rank: int) -> None:
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank != 0:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def bar(total: int, desc: str, enabled: bool, unit: str = "it", initial: int = 0) -> tqdm:
+    """A progress bar on stderr (disabled: a no-op object with the same methods)."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
