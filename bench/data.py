@@ -62,7 +62,7 @@ def time_hf_pair_call(data_file: Path, tokenizer, settings: dict) -> float:
                 [ex.context for ex in chunk],
                 truncation="only_second",
                 max_length=settings["max_seq_length"],
-                stride=settings["doc_stride"],
+                stride=settings["doc_overlap"],
                 return_overflowing_tokens=True,
                 return_offsets_mapping=True,
             )
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
     args = parser.parse_args()
-    settings = {"max_seq_length": 384, "doc_stride": 128, "max_query_length": 64}
+    settings = {"max_seq_length": 384, "doc_overlap": 128, "max_query_length": 64}
     tokenizer = load_tokenizer(args.tokenizer or minilm_dir())
     data_file = Path(args.data_file)
 
@@ -136,7 +136,7 @@ def main() -> None:
         ("padding efficiency, pad every window to 384", f"{result['padding_efficiency_pad384']:.3f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    window = "/".join(str(settings[k]) for k in ("max_seq_length", "doc_stride", "max_query_length"))
+    window = "/".join(str(settings[k]) for k in ("max_seq_length", "doc_overlap", "max_query_length"))
     print(f"{data_file.name}, {window}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

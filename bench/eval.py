@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from spanqa import flags  # noqa: E402
 from spanqa.data.prepare import prepare  # noqa: E402
 from spanqa.data.windows import WindowSettings  # noqa: E402
 from spanqa.eval.candidates import span_candidates  # noqa: E402
@@ -44,8 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--data_file", default=str(shared_squad2("dev-v2.0.json")))
     parser.add_argument("--store", help="window store dir (default: under the temp dir, reused)")
-    parser.add_argument("--max_seq_length", type=int, default=384)
-    parser.add_argument("--doc_stride", type=int, default=128)
+    flags.add_flags(parser, WindowSettings)
     parser.add_argument("--n_best", type=int, default=20)
     parser.add_argument("--max_answer_length", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -172,11 +172,11 @@ def timed(fn: Callable, repeat: int, cpu: dict, name: str):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    settings = flags.build_given(WindowSettings, args)
     store_dir = args.store or Path(tempfile.gettempdir()) / "spanqa-bench-eval" / (
-        f"{Path(args.data_file).stem}-minilm-{args.max_seq_length}-{args.doc_stride}"
+        f"{Path(args.data_file).stem}-minilm-{'-'.join(str(v) for v in settings.as_dict().values())}"
     )
     t0 = time.perf_counter()
-    settings = WindowSettings(args.max_seq_length, args.doc_stride)
     store = prepare(args.data_file, str(minilm_dir()), store_dir, settings, progress=False)
     prepare_s = time.perf_counter() - t0
     golds = read_gold_questions(args.data_file)

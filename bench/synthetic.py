@@ -24,7 +24,7 @@ from spanqa.data.windows import (
 
 # Fallback window lengths where no store is given and the shared dev data is not beside the checkout.
 # Measured: SQuAD v2.0 dev (11,873 questions) prepared with the all-MiniLM-L6-v2 tokenizer (BERT
-# uncased WordPiece) at max_seq_length 384, doc_stride 128, max_query_length 64 -> 12,134 windows,
+# uncased WordPiece) at max_seq_length 384, doc_overlap 128, max_query_length 64 -> 12,134 windows,
 # mean 180.0 tokens, median 164; context starts at token 14 (median; p10 10, p90 20).
 #   spanqa prepare --data_file ../shared/data/squad2/dev-v2.0.json --tokenizer "$(python -c
 #     'from spanqa.testing import minilm_dir; print(minilm_dir())')" --out /tmp/dev-minilm

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spanqa import flags as flag_tree
 from spanqa.data.windows import WindowSettings
 from spanqa.errors import SpanqaError
 from spanqa.testing import MODEL_SHAPES, placeholder_tokenizer, write_bert_dir
@@ -58,9 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="measured steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring")
     parser.add_argument("--batch_size", type=int, help="windows per step per rank (CUDA 32, CPU 8)")
-    parser.add_argument("--max_seq_length", type=int, default=WindowSettings.max_seq_length)
-    parser.add_argument("--doc_stride", type=int, default=WindowSettings.doc_stride)
-    parser.add_argument("--max_query_length", type=int, default=WindowSettings.max_query_length)
+    flag_tree.add_flags(parser, WindowSettings)  # the windows of the store whose lengths are copied
     parser.add_argument("--store", help="a window store whose lengths the synthetic windows copy")
     parser.add_argument("--world_size", type=int, default=1, help="ranks, through the deepspeed launcher")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers per rank")
@@ -75,6 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     args.model_config = args.model_config or (None if args.model else "spanbert-base")
+    args.windows = flag_tree.build_given(WindowSettings, args)
     for flag in ("steps", "world_size"):
         if getattr(args, flag) < 1:
             raise SpanqaError(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
@@ -107,7 +107,7 @@ def relaunch_command(argv: list[str], world_size: int) -> list[str]:
 def build_inputs(args: argparse.Namespace, work: Path) -> dict:
     """The model directory (random weights for --model_config) and one epoch of synthetic windows:
     exactly (warm-up + measured) steps × batch × world, so the run ends at its last measured step."""
-    settings = WindowSettings(args.max_seq_length, args.doc_stride, args.max_query_length)
+    settings = args.windows
     shapes = window_shapes(args.store, settings, args.seed)
     if args.model_config is not None:
         shutil.rmtree(work / "model", ignore_errors=True)
@@ -139,12 +139,16 @@ def train_args(args: argparse.Namespace, inputs: dict) -> list[str]:
         "--model": inputs["model_dir"], "--output_dir": Path(inputs["work"]) / "run",
         "--prepared": Path(inputs["work"]) / "prepared", "--head": args.head,
         "--train_batch_size": args.batch_size * args.world_size, "--num_train_epochs": 1, "--warmup_steps": 0,
-        "--max_seq_length": args.max_seq_length, "--doc_stride": args.doc_stride,
-        "--max_query_length": args.max_query_length, "--logging_steps": args.warmup + args.steps,
+        "--logging_steps": args.warmup + args.steps,
         "--deepspeed_config": shipped_config_path(DS_CONFIGS[args.dtype]), "--num_workers": args.num_workers,
         "--seed": args.seed, "--run_name": f"throughput {inputs['model_label']} {args.head} {args.dtype}",
     }  # fmt: skip
-    return [str(x) for pair in flags.items() for x in pair] + (["--compile"] if args.compile else [])
+    window_flags = flag_tree.to_argv(args.windows)
+    return (
+        [str(x) for pair in flags.items() for x in pair]
+        + window_flags
+        + (["--compile"] if args.compile else [])
+    )
 
 
 def rank_result(trainer, args: argparse.Namespace, cpu_share: float | None) -> dict:
@@ -222,8 +226,8 @@ def train_and_measure(args: argparse.Namespace, inputs: dict) -> dict | None:
         "device": peak.device, "world_size": env.world_size, "model": inputs["model_label"],
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "head": args.head, "dtype": args.dtype,
-        "matmul_dtype": peak.dtype, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
-        "doc_stride": args.doc_stride, "compile": args.compile, "lengths_source": inputs["lengths_source"],
+        "matmul_dtype": peak.dtype, "batch_size": args.batch_size, **args.windows.as_dict(),
+        "compile": args.compile, "lengths_source": inputs["lengths_source"],
         "warmup": args.warmup, **summarize(gathered, peak.flops_per_s),
         "peak_memory_kind": gathered[0]["peak_memory_kind"], "peak_source": peak.source,
         "torch": torch.__version__,

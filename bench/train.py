@@ -112,7 +112,13 @@ def prepare_store(args: argparse.Namespace, work: Path) -> Path:
     from spanqa.data.windows import WindowSettings
 
     prepared = work / "prepared"
-    prepare(args.data, str(args.model), prepared / "train", WindowSettings(384, 128, 64), progress=False)
+    prepare(
+        args.data,
+        str(args.model),
+        prepared / "train",
+        WindowSettings(max_seq_length=384, doc_overlap=128, max_query_length=64),
+        progress=False,
+    )
     return prepared
 
 

@@ -18,6 +18,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from spanqa import flags
 from spanqa.data.windows import WindowSettings
@@ -34,6 +35,9 @@ CHOICES = {"head": HEAD_NAMES, "eval_metric": SELECTION_METRICS, "preset": tuple
 @dataclass(frozen=True)
 class OptimizerSettings:
     """AdamW (no decay on biases and LayerNorm weights) with linear warmup, then linear decay to 0."""
+
+    # warmup given as a share of the run replaces a step count (spanqa.flags.alternatives)
+    ALTERNATIVES: ClassVar[dict[str, str]] = {"warmup_proportion": "warmup_steps"}
 
     learning_rate: float = 3e-5
     """Peak learning rate of AdamW (after warmup, then linear decay to 0)."""
@@ -198,18 +202,13 @@ def parse_train_args(argv: list[str], prog: str = "launcher/train.py") -> TrainC
     parser.prog = prog
     explicit = vars(parser.parse_args(argv))
     explicit.pop("local_rank", None)
-    if "warmup_steps" in explicit and "warmup_proportion" in explicit:
-        raise SpanqaError("--warmup_steps, --warmup_proportion: give one of them, not both")
+    flags.refuse_both_ways(explicit, TrainConfig)
     for required in ("model", "output_dir"):
         if required not in explicit:
             raise SpanqaError(f"--{required}: required")
     values = {}
-    # Warmup is one setting given two ways: a proportion (from the preset or a flag) replaces the
-    # step count of the layer below it.
     for layer in (load_preset(explicit["preset"]) if "preset" in explicit else {}, explicit):
-        if "warmup_proportion" in layer and "warmup_steps" not in layer:
-            values["warmup_steps"] = None
-        values.update(layer)
+        flags.apply_layer(values, layer, TrainConfig)
     return flags.build(TrainConfig, values)
 
 

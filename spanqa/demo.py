@@ -29,7 +29,7 @@ DEMO_FLAGS = [
     "--num_train_epochs", "2",
     "--warmup_proportion", "0.1",
     "--max_seq_length", "384",
-    "--doc_stride", "128",
+    "--doc_overlap", "128",
     "--eval_batch_size", "64",
     "--logging_steps", "5",
     "--run_name", "demo",

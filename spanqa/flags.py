@@ -107,9 +107,39 @@ def build(cls: type, values: dict[str, Any]):
     return cls(**kwargs)
 
 
+def alternatives(cls: type) -> dict[str, str]:
+    """{flag: the flag it clears} over the tree: a setting that can be given two ways (a class's
+    ALTERNATIVES) takes the way given last; giving both ways at once is an error."""
+    found = dict(getattr(cls, "ALTERNATIVES", {}))
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if is_settings(hints[field.name]):
+            found.update(alternatives(hints[field.name]))
+    return found
+
+
+def refuse_both_ways(given: dict[str, Any], cls: type) -> None:
+    for flag, other in alternatives(cls).items():
+        if flag in given and other in given:
+            first, second = sorted((flag, other))
+            raise SpanqaError(f"--{first}, --{second}: give one of them, not both")
+
+
+def apply_layer(values: dict[str, Any], layer: dict[str, Any], cls: type) -> None:
+    """Lay `layer`'s values over `values`: a setting the layer gives one way clears the other way."""
+    for flag, cleared in alternatives(cls).items():
+        if flag in layer and cleared not in layer:
+            values[cleared] = None
+    values.update(layer)
+
+
 def build_given(cls: type, namespace: argparse.Namespace):
     """An instance of `cls` from the flags a parser (without defaults of its own) was given."""
-    return build(cls, {k: v for k, v in vars(namespace).items() if v is not None})
+    given = {k: v for k, v in vars(namespace).items() if v is not None}
+    refuse_both_ways(given, cls)
+    values: dict[str, Any] = {}
+    apply_layer(values, given, cls)
+    return build(cls, values)
 
 
 def flat_values(settings: Any) -> dict[str, Any]:
@@ -121,6 +151,17 @@ def flat_values(settings: Any) -> dict[str, Any]:
             value = getattr(value, part)
         out[flag.name] = value
     return out
+
+
+def to_argv(settings: Any) -> list[str]:
+    """The flags that give `settings` (None values left out): the inverse of building from flags."""
+    argv = []
+    for name, value in flat_values(settings).items():
+        if isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        elif value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv
 
 
 def markdown_table(cls: type) -> str:

@@ -6,7 +6,7 @@
   (51 and 27 questions; see tests/fixtures/README.md).
 - `tiny_settings`: TINY_SETTINGS as a dict, for tests that prepare their own store alike.
 - `tiny_store` (session): the window store of `tiny_squad_file` prepared with the MiniLM tokenizer at
-  TINY_SETTINGS (max_seq_length 128, doc_stride 32, max_query_length 32, so that long contexts
+  TINY_SETTINGS (max_seq_length 128, doc_overlap 32, max_query_length 32, so that long contexts
   really split into several windows: 51 examples -> ~90 windows). Read-only: do not write into it;
   tests that need to modify a store prepare their own.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TINY_SETTINGS = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32}
+TINY_SETTINGS = {"max_seq_length": 128, "doc_overlap": 32, "max_query_length": 32}
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_store_round_trip(tiny_settings, tiny_store, tiny_squad_file, minilm_tok
         "tokens": len(arrays.input_ids),
         "windows_with_answer": int((arrays.start_positions > 0).sum()),
     }
-    assert meta["settings"] == tiny_settings and meta["validation"] == report
+    assert meta["settings"] == WindowSettings(**tiny_settings).as_dict() and meta["validation"] == report
     assert len(meta["tokenizer"]["fingerprint"]) == 64 and len(meta["source"]["sha256"]) == 64
     # more windows than examples: long contexts really were split at 128 tokens
     assert len(store) > len(examples)
@@ -77,7 +77,7 @@ def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_
     first = prepare(data, minilm_tokenizer, out, WindowSettings(**tiny_settings), progress=False)
     settings, tokenizer = dict(tiny_settings), minilm_tokenizer
     if change == "settings":
-        settings["doc_stride"] = 48
+        settings["doc_overlap"] = 48
     elif change == "source":
         doc = json.loads(data.read_text())
         doc["data"][0]["paragraphs"][0]["qas"][0]["question"] += " really?"
@@ -92,7 +92,7 @@ def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_
     elif change == "corrupt":
         (out / "input_ids.npy").write_bytes(b"\x93NUMPY garbage")
     rebuilt = prepare(data, tokenizer, out, WindowSettings(**settings), progress=False)
-    assert rebuilt.meta["settings"] == settings
+    assert rebuilt.meta["settings"] == WindowSettings(**settings).as_dict()
     if change == "source":
         assert rebuilt.meta["source"]["sha256"] != first.meta["source"]["sha256"]
         assert rebuilt.examples()[0].question.endswith(" really?")
@@ -154,7 +154,13 @@ def test_interrupted_rebuild_keeps_the_old_store(
 
     monkeypatch.setattr(store_module.np, "save", die)
     with pytest.raises(KeyboardInterrupt):
-        prepare(tiny_squad_file, minilm_tokenizer, out, WindowSettings(96, 16, 32), progress=False)
+        prepare(
+            tiny_squad_file,
+            minilm_tokenizer,
+            out,
+            WindowSettings(max_seq_length=96, doc_overlap=16, max_query_length=32),
+            progress=False,
+        )
     assert WindowStore.open(out).meta == old.meta
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
@@ -162,11 +168,13 @@ def test_interrupted_rebuild_keeps_the_old_store(
 def test_check_compatible_names_what_is_stale(tiny_store, minilm_tokenizer, tiny_settings, tiny_squad_file):
     from spanqa.data.prepare import file_sha256
 
-    tiny_store.check_compatible(minilm_tokenizer, tiny_settings, file_sha256(tiny_squad_file))
+    tiny_store.check_compatible(
+        minilm_tokenizer, WindowSettings(**tiny_settings), file_sha256(tiny_squad_file)
+    )
     with pytest.raises(
-        SpanqaError, match=r"meta.json: built with window settings .*, not .*'doc_stride': 16"
+        SpanqaError, match=r"meta.json: built with window settings .*, not .*'doc_overlap': 16"
     ):
-        tiny_store.check_compatible(settings={**tiny_settings, "doc_stride": 16})
+        tiny_store.check_compatible(settings=WindowSettings(**{**tiny_settings, "doc_overlap": 16}))
     with pytest.raises(SpanqaError, match=r"meta.json: built from another version of .*squad_v2_tiny.json"):
         tiny_store.check_compatible(source_sha256="0" * 64)
     extended = AutoTokenizer.from_pretrained(minilm_dir())
@@ -261,7 +269,7 @@ def test_cli_prepare_prints_counts(tiny_settings, tmp_path, capsys, tiny_squad_f
     code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", *flags)
     assert code == 0
     assert "0 repaired, 0 dropped" in output.out and "windows" in output.out
-    assert WindowStore.open(tmp_path / "out").meta["settings"] == tiny_settings
+    assert WindowStore.open(tmp_path / "out").meta["settings"] == WindowSettings(**tiny_settings).as_dict()
     assert "reused" not in output.out
     code, output = run_prepare(capsys, tiny_squad_file, tmp_path / "out", *flags)
     assert code == 0 and "(reused: same source, tokenizer, settings and format)" in output.out
@@ -371,12 +379,12 @@ def test_cli_slow_tokenizer_is_refused(tmp_path, capsys, tiny_squad_file):
     "flags, message",
     [
         (
-            ["--max_seq_length", "128", "--doc_stride", "128"],
-            "--doc_stride: 128 must be smaller than --max_seq_length",
+            ["--max_seq_length", "128", "--doc_overlap", "128"],
+            "--doc_overlap: 128 must be smaller than the context room",
         ),
         (
-            ["--max_seq_length", "128", "--doc_stride", "100"],
-            "--doc_stride: 100 must be smaller than the context room",
+            ["--doc_stride", "100", "--doc_overlap", "100"],
+            "--doc_overlap, --doc_stride: give one of them, not both",
         ),
         (["--max_query_length", "0"], "--max_query_length: must be a positive integer, got 0"),
     ],

@@ -13,14 +13,47 @@ from spanqa.data.store import WindowStore
 from spanqa.data.windows import WindowSettings, answer_token_span, build_windows, window_spans
 from spanqa.testing import shared_squad2
 
+CASES = [(1, 10, 3), (10, 10, 3), (11, 10, 3), (100, 17, 5), (57, 8, 7), (1000, 317, 128), (40, 8, 20)]
 
-@pytest.mark.parametrize("n, room, stride", [(1, 10, 3), (10, 10, 3), (11, 10, 3), (100, 17, 5), (57, 8, 7)])
-def test_window_spans_cover_the_context_with_the_stride_as_overlap(n, room, stride):
-    spans = window_spans(n, room, stride)
+
+@pytest.mark.parametrize("n, room, overlap", [c for c in CASES if c[2] < c[1]])
+def test_doc_overlap_windows_overlap_by_exactly_that_many_tokens(n, room, overlap):
+    spans = window_spans(n, room, WindowSettings(doc_overlap=overlap, max_query_length=1).step(room))
     assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == n
     assert all(0 < length <= room for _, length in spans)
     for (s0, l0), (s1, _) in zip(spans, spans[1:], strict=False):
-        assert l0 == room and s0 + l0 - s1 == stride  # consecutive windows overlap by exactly `stride`
+        assert l0 == room and s0 + l0 - s1 == overlap  # consecutive windows overlap by exactly `overlap`
+
+
+def run_squad_doc_spans(n_context: int, max_tokens_for_doc: int, doc_stride: int) -> list[tuple[int, int]]:
+    """SpanBERT's (and BERT's) run_squad.py window loop, re-implemented from its source as a reference."""
+    spans, start_offset = [], 0
+    while start_offset < n_context:
+        length = min(n_context - start_offset, max_tokens_for_doc)
+        spans.append((start_offset, length))
+        if start_offset + length == n_context:
+            break
+        start_offset += min(length, doc_stride)
+    return spans
+
+
+@pytest.mark.parametrize("n, room, stride", CASES)
+def test_doc_stride_gives_run_squads_windows(n, room, stride):
+    settings = WindowSettings(doc_stride=stride, max_query_length=1)
+    assert window_spans(n, room, settings.step(room)) == run_squad_doc_spans(n, room, stride)
+
+
+def test_spanbert_recipe_windows_start_every_128_tokens(minilm_tokenizer):
+    """The spanbert preset's windows (512, doc_stride 128) are run_squad.py's, token for token."""
+    context = " ".join(f"w{i}" for i in range(2000))
+    ex = Example("q", "t", "Which word?", context, (), True)
+    settings = WindowSettings(max_seq_length=512, doc_stride=128, max_query_length=64)
+    arrays = build_windows([ex], minilm_tokenizer, settings)
+    n_context = len(minilm_tokenizer(context, add_special_tokens=False)["input_ids"])
+    question = len(minilm_tokenizer("Which word?", add_special_tokens=False)["input_ids"])
+    expected = run_squad_doc_spans(n_context, 512 - question - 3, 128)
+    lengths = (arrays.context_end - arrays.context_start + 1).tolist()
+    assert lengths == [length for _, length in expected] and len(expected) > 3
 
 
 def test_same_windows_as_the_tokenizer_pair_call(tiny_store, minilm_tokenizer, tiny_settings):
@@ -31,7 +64,7 @@ def test_same_windows_as_the_tokenizer_pair_call(tiny_store, minilm_tokenizer, t
         [ex.context for ex in examples],
         truncation="only_second",
         max_length=tiny_settings["max_seq_length"],
-        stride=tiny_settings["doc_stride"],
+        stride=tiny_settings["doc_overlap"],
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
     )
@@ -55,7 +88,7 @@ def test_question_is_cut_to_max_query_length(minilm_tokenizer):
     question = " ".join(f"word{i}" for i in range(80))
     context = "Paris is the capital of France. " * 40
     ex = Example("q", "t", question, context, (Answer("France", context.rindex("France")),), False)
-    settings = WindowSettings(max_seq_length=128, doc_stride=32, max_query_length=20)
+    settings = WindowSettings(max_seq_length=128, doc_overlap=32, max_query_length=20)
     arrays = build_windows([ex], minilm_tokenizer, settings)
     full_question = minilm_tokenizer(question, add_special_tokens=False)["input_ids"]
     assert len(full_question) > 20

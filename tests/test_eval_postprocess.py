@@ -122,7 +122,11 @@ def store(tmp_path_factory):
     data = {"version": "v2.0", "data": [{"title": "Paris", "paragraphs": [{"context": CONTEXT, "qas": qas}]}]}
     (root / "tiny.json").write_text(json.dumps(data))
     return prepare(
-        root / "tiny.json", str(minilm_dir()), root / "store", WindowSettings(32, 8, 8), progress=False
+        root / "tiny.json",
+        str(minilm_dir()),
+        root / "store",
+        WindowSettings(max_seq_length=32, doc_overlap=8, max_query_length=8),
+        progress=False,
     )
 
 

@@ -25,7 +25,7 @@ from spanqa.testing import tiny_bert_dir
 
 HEADS = ("span", "crf")
 SAMPLE_TRAIN = SAMPLE_DIR / "train.json"
-WINDOWS = WindowSettings(max_seq_length=256, doc_stride=128, max_query_length=64)
+WINDOWS = WindowSettings(max_seq_length=256, doc_overlap=128, max_query_length=64)
 
 
 def info(head: str, **changes) -> ExportInfo:

@@ -17,7 +17,7 @@ from spanqa.export import ExportInfo
 from spanqa.predict import Question, predict, read_questions
 
 # Small windows so that a paragraph of a few sentences already needs several of them.
-WINDOWS = WindowSettings(max_seq_length=64, doc_stride=16, max_query_length=16)
+WINDOWS = WindowSettings(max_seq_length=64, doc_overlap=16, max_query_length=16)
 ANSWERS = AnswerSettings(max_answer_length=8, n_best_size=10, null_score_diff_threshold=0.0)
 SHORT_CONTEXT = "The tower was designed by Gustave Eiffel and finished in 1889 for the World Fair in Paris."
 LONG_CONTEXT = " ".join(
@@ -77,7 +77,7 @@ def reference_span_answers(model_dir: Path, questions: list[Question], max_answe
             q.context,
             truncation="only_second",
             max_length=WINDOWS.max_seq_length,
-            stride=WINDOWS.doc_stride,
+            stride=WINDOWS.doc_overlap,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
             padding=True,

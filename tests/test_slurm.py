@@ -106,7 +106,7 @@ def workspace(cluster):
     }
     flags = [
         "--model", str(model), "--train_file", str(FIXTURE), "--dev_file", str(FIXTURE),
-        "--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32",
+        "--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32",
         "--train_batch_size", "8", "--eval_batch_size", "64", "--learning_rate", "1e-4",
         "--warmup_steps", "0", "--logging_steps", "1", "--seed", "0",
     ]  # fmt: skip

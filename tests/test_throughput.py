@@ -145,7 +145,7 @@ def test_tiny_model_trains_on_cpu_and_reports_positive_figures(tmp_path, tiny_st
     head = "crf"  # the head with more moving parts; one run (~30-50 s on a shared CPU) keeps CI short
     result = run_bench(
         ["--model_config", "tiny", "--head", head, "--steps", "3", "--warmup", "1", "--batch_size", "4"]
-        + ["--store", str(tiny_store.path), "--max_seq_length", "128", "--doc_stride", "32"],
+        + ["--store", str(tiny_store.path), "--max_seq_length", "128", "--doc_overlap", "32"],
         tmp_path,
     )
     for key in ("samples_per_s", "real_tokens_per_s", "step_time_median_s", "peak_memory_bytes", "mfu"):

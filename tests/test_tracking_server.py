@@ -147,7 +147,8 @@ def test_training_logs_to_a_server_that_goes_away_and_comes_back(server, tmp_pat
     command = [
         sys.executable, "-m", "spanqa.cli", "train",
         "--train_file", str(fixture), "--dev_file", str(fixture), "--model", str(model),
-        "--output_dir", str(out), "--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32",
+        "--output_dir", str(out), "--max_seq_length", "128", "--doc_overlap", "32",
+        "--max_query_length", "32",
         "--train_batch_size", "4", "--num_train_epochs", "2", "--max_steps", "30", "--logging_steps", "1",
         "--tag", "server-train", "--run_name", "tiny-span",
     ]  # fmt: skip

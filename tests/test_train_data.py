@@ -26,13 +26,19 @@ def prepared_dir(tmp_path_factory, minilm_tokenizer, tiny_squad_file):
     """A --prepared DIR: train/ and dev/ stores of the tiny fixture, window settings 128/32/32."""
     root = tmp_path_factory.mktemp("prepared")
     for role in ("train", "dev"):
-        prepare(tiny_squad_file, minilm_tokenizer, root / role, WindowSettings(128, 32, 32), progress=False)
+        prepare(
+            tiny_squad_file,
+            minilm_tokenizer,
+            root / role,
+            WindowSettings(max_seq_length=128, doc_overlap=32, max_query_length=32),
+            progress=False,
+        )
     return root
 
 
 def config_for(prepared: Path, tmp_path: Path, *extra: str):
     flags = ["--model", str(minilm_dir()), "--prepared", str(prepared), "--output_dir", str(tmp_path / "out")]
-    return parse_train_args([*flags, "--max_seq_length", "128", "--doc_stride", "32", *extra])
+    return parse_train_args([*flags, "--max_seq_length", "128", "--doc_overlap", "32", *extra])
 
 
 def test_prepared_stores_open_when_they_match_the_run(prepared_dir, minilm_tokenizer, tmp_path):
@@ -66,7 +72,7 @@ def test_evaluation_scores_the_dev_files_golds_untouched(
         dev_file_with_a_bad_answer,
         minilm_tokenizer,
         tmp_path / "dev",
-        WindowSettings(128, 32, 32),
+        WindowSettings(max_seq_length=128, doc_overlap=32, max_query_length=32),
         progress=False,
     )
     assert store.meta["validation"]["answers_dropped"] == 1
@@ -83,7 +89,7 @@ def test_a_store_whose_source_is_gone_scores_its_own_examples(
         dev_file_with_a_bad_answer,
         minilm_tokenizer,
         tmp_path / "dev",
-        WindowSettings(128, 32, 32),
+        WindowSettings(max_seq_length=128, doc_overlap=32, max_query_length=32),
         progress=False,
     )
     shutil.move(dev_file_with_a_bad_answer, tmp_path / "moved.json")

@@ -64,7 +64,7 @@ def train_flags(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--train_file", str(FIXTURE), "--dev_file", str(FIXTURE),
         "--output_dir", str(out), "--cache_dir", str(cache),
-        "--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32",
+        "--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32",
         "--train_batch_size", "8", "--num_train_epochs", "1", "--learning_rate", "1e-3",
         "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", *extra,
     ]  # fmt: skip

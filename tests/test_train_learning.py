@@ -64,7 +64,7 @@ def test_head_overfits_64_questions(head, learning_rate, epochs, memorisable_mod
     flags = [
         "--model", str(memorisable_model), "--head", head, "--train_file", str(questions),
         "--dev_file", str(questions), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
-        "--max_seq_length", "256", "--doc_stride", "128", "--max_query_length", "32",
+        "--max_seq_length", "256", "--doc_overlap", "128", "--max_query_length", "32",
         "--train_batch_size", "8", "--num_train_epochs", epochs, "--learning_rate", learning_rate,
         "--warmup_proportion", "0.05", "--weight_decay", "0", "--eval_per_epoch", "0",
         "--logging_steps", "50",

@@ -127,7 +127,7 @@ def plot(raw: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     counts = np.bincount(raw["windows_per_example"])
     ax.bar(np.arange(len(counts)), counts, color="#4477aa")
-    ax.set_xlabel(f"windows per example ({settings.max_seq_length}/{settings.doc_stride})")
+    ax.set_xlabel(f"windows per example ({settings.max_seq_length}/{settings.doc_overlap})")
     ax.set_ylabel("examples")
     fig.tight_layout()
     written.append(_save_png(fig, out_dir / "windows_per_example.png"))

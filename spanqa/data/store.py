@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from spanqa.data.squad import Example
-from spanqa.data.windows import WindowArrays
+from spanqa.data.windows import WindowArrays, WindowSettings
 from spanqa.errors import SpanqaError
 from spanqa.io import atomic_dir, write_json
 
@@ -83,7 +83,7 @@ class WindowStore:
         return cls(path, meta, arrays)
 
     def check_compatible(
-        self, tokenizer: Any = None, settings: dict | None = None, source_sha256: str | None = None
+        self, tokenizer: Any = None, settings: WindowSettings | None = None, source_sha256: str | None = None
     ) -> None:
         """SpanqaError naming meta.json when the store was not built with this tokenizer, these window
         settings or this source file (a store given by path, e.g. `--prepared`, may be stale)."""
@@ -97,9 +97,9 @@ class WindowStore:
                     f"{meta_file}: built with another tokenizer (fingerprint {theirs[:12]}, "
                     f"this one is {ours[:12]}): prepare it again"
                 )
-        if settings is not None and self.meta["settings"] != dict(settings):
+        if settings is not None and self.meta["settings"] != settings.as_dict():
             raise SpanqaError(
-                f"{meta_file}: built with window settings {self.meta['settings']}, not {dict(settings)}"
+                f"{meta_file}: built with window settings {self.meta['settings']}, not {settings.as_dict()}"
             )
         if source_sha256 is not None and self.meta["source"]["sha256"] != source_sha256:
             raise SpanqaError(

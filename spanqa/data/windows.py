@@ -2,9 +2,10 @@
 
 Each window is `[CLS] question [SEP] context-slice [SEP]` (the special tokens are whatever the
 tokenizer's own pair template uses). The question is cut to `max_query_length` tokens first; the
-context is split into windows of the room left, consecutive windows overlapping by `doc_stride`
-tokens (the meaning of `stride` in Hugging Face `run_qa.py`). A window is labelled with the answer's
-first and last token when the whole answer lies inside it, else with the CLS index 0.
+context is split into windows of the room left, starting every `doc_stride` tokens (SpanBERT's and
+BERT's run_squad.py) or overlapping by `doc_overlap` tokens (`stride` in Hugging Face's run_qa.py).
+A window is labelled with the answer's first and last token when the whole answer lies inside it,
+else with the CLS index 0.
 
 Questions and contexts are tokenized separately in large batches (the Rust tokenizer runs them in
 parallel), and each distinct context only once: SQuAD asks ~5 questions per paragraph. The windows
@@ -18,45 +19,58 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from spanqa.data.squad import Example
 from spanqa.errors import SpanqaError
 
+DEFAULT_OVERLAP = 128  # the reference report's windows: its tokenizer's stride
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: big enough for the Rust thread pool, small for the bar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WindowSettings:
     """How questions and contexts are cut into windows: part of a window store's identity."""
 
+    # given one way, the other way is cleared (spanqa.flags.alternatives)
+    ALTERNATIVES: ClassVar[dict[str, str]] = {"doc_stride": "doc_overlap", "doc_overlap": "doc_stride"}
+
     max_seq_length: int = 384
     """Tokens per window (question + context + special tokens)."""
-    doc_stride: int = 128
-    """Tokens between the starts of consecutive windows of a long context."""
+    doc_stride: int | None = None
+    """Tokens between the starts of consecutive windows of a long context, as in SpanBERT's and BERT's
+    run_squad.py (give this or --doc_overlap)."""
+    doc_overlap: int | None = None
+    """Tokens that consecutive windows of a long context share, the `stride` of Hugging Face tokenizers
+    and run_qa.py (128 when neither is given)."""
     max_query_length: int = 64
     """Question tokens kept per window."""
 
     def __post_init__(self) -> None:
+        if self.doc_stride is None and self.doc_overlap is None:
+            object.__setattr__(self, "doc_overlap", DEFAULT_OVERLAP)
         self.validate()
 
     def validate(self, n_special: int = 3) -> None:
         """SpanqaError naming the flag; `n_special`: special tokens in the pair template ([CLS] q
         [SEP] c [SEP] has 3)."""
-        for name in ("max_seq_length", "doc_stride", "max_query_length"):
+        if self.doc_stride is not None and self.doc_overlap is not None:
+            raise SpanqaError("--doc_overlap, --doc_stride: give one of them, not both")
+        for name in ("max_seq_length", "doc_stride", "doc_overlap", "max_query_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SpanqaError(f"--{name}: must be a positive integer, got {value!r}")
-        if self.doc_stride >= self.max_seq_length:
-            raise SpanqaError(
-                f"--doc_stride: {self.doc_stride} must be smaller than --max_seq_length {self.max_seq_length}"
-            )
         room = self.max_seq_length - self.max_query_length - n_special
-        if room <= self.doc_stride:
+        if room < 1:
             raise SpanqaError(
-                f"--doc_stride: {self.doc_stride} must be smaller than the context room of a window "
+                f"--max_seq_length: {self.max_seq_length} leaves no room for context after "
+                f"--max_query_length {self.max_query_length} and {n_special} special tokens"
+            )
+        if self.doc_overlap is not None and self.doc_overlap >= room:
+            raise SpanqaError(
+                f"--doc_overlap: {self.doc_overlap} must be smaller than the context room of a window "
                 f"({room} = max_seq_length {self.max_seq_length} - max_query_length "
                 f"{self.max_query_length} - {n_special} special tokens)"
             )
@@ -64,6 +78,12 @@ class WindowSettings:
             raise SpanqaError(
                 f"--max_seq_length: {self.max_seq_length} does not fit the store's int16 positions"
             )
+
+    def step(self, room: int) -> int:
+        """Tokens between window starts when a window holds `room` context tokens."""
+        if self.doc_stride is not None:
+            return min(room, self.doc_stride)  # run_squad.py: start_offset += min(length, doc_stride)
+        return room - self.doc_overlap
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -205,8 +225,9 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
-def window_spans(n_context: int, room: int, doc_stride: int) -> list[tuple[int, int]]:
-    """(start, length) of the windows over `n_context` tokens: `room` each, overlapping by `doc_stride`."""
+def window_spans(n_context: int, room: int, step: int) -> list[tuple[int, int]]:
+    """(start, length) of the windows over `n_context` tokens: `room` tokens each, starting every `step`
+    tokens (the last one ends at the end of the context)."""
     spans = []
     start = 0
     while True:
@@ -214,7 +235,7 @@ def window_spans(n_context: int, room: int, doc_stride: int) -> list[tuple[int, 
         spans.append((start, length))
         if start + length >= n_context:
             return spans
-        start += room - doc_stride
+        start += step
 
 
 def answer_token_span(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int]:
@@ -247,7 +268,7 @@ def _assemble(
         if ex.answers:  # train on the first gold answer, as BERT does
             a = ex.answers[0]
             answer = answer_token_span(ctx.offsets, a.start, a.start + len(a.text))
-        for start, length in window_spans(len(ctx.ids), room, settings.doc_stride):
+        for start, length in window_spans(len(ctx.ids), room, settings.step(room)):
             pieces_ids += [head, ctx.ids[start : start + length], suffix]
             pieces_offsets += [head_offsets, ctx.offsets[start : start + length], tail_offsets]
             cstart = len(head)

@@ -93,7 +93,7 @@ def prepare_stores(config: TrainConfig, tokenizer: Any, env: DistEnv):
     # stores made elsewhere (or long ago) must match this model's tokenizer and these window flags
     for store in (train_store, dev_store):
         if store is not None:
-            store.check_compatible(tokenizer, config.windows.as_dict())
+            store.check_compatible(tokenizer, config.windows)
     if dev_store is None and config.dev_file is not None:
         dev_store = _prepared(config, config.dev_file, "dev", tokenizer, env)
     return train_store, dev_store
