@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from spanqa.errors import SpanqaError
+from spanqa.errors import SpanqaError, report
 
 COMMANDS = {
     "prepare": ("spanqa.data.prepare", "tokenize a SQuAD JSON file into a memory-mapped window store"),
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(rest) or 0
     except SpanqaError as err:
-        print(f"spanqa {name}: error: {err}", file=sys.stderr)
-        return 2
+        return report(f"spanqa {name}", err)
 
 
 if __name__ == "__main__":

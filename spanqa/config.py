@@ -117,6 +117,12 @@ class TrainConfig:
     """DeepSpeed JSON; default ds_configs/cpu_fp32.json on CPU, bf16_zero1.json on CUDA with bf16."""
     resume: str = "none"
     """`none`, `auto` (latest complete checkpoint in OUTPUT_DIR/checkpoints) or a checkpoint directory."""
+    overwrite_output_dir: bool = False
+    """Start a fresh run in an --output_dir that holds one: first remove that run's checkpoints, logs,
+    model and eval files (nothing else). Without it, such a directory is refused."""
+    keep_checkpoints: int = 1
+    """Complete checkpoints kept while the run is unfinished (the newest); a run that trains to its end
+    removes them (best_model/ and eval/ are what it leaves)."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     compile: bool = False
@@ -125,6 +131,8 @@ class TrainConfig:
     """MLflow tag `spanqa.tag`, shared by runs that are compared (e.g. the SLURM head comparison)."""
     run_name: str | None = None
     """MLflow run name."""
+    verbose: bool = False
+    """Also show DeepSpeed's own info lines (its config, the engine's set-up) and every rank's progress."""
     log_param_checksum: bool = False
     """Debugging: every rank appends a parameter checksum per step to OUTPUT_DIR/param_checksums/."""
 
@@ -138,10 +146,12 @@ class TrainConfig:
             ("logging_steps", 1),
             ("max_steps", 0),
             ("num_workers", 0),
+            ("keep_checkpoints", 1),
         ):
             if getattr(self, name) < minimum:
                 raise SpanqaError(f"--{name}: must be at least {minimum}, got {getattr(self, name)}")
-        if not math.isfinite(self.answers.null_score_diff_threshold):
+        threshold = self.answers.null_score_diff_threshold
+        if threshold is not None and not math.isfinite(threshold):
             raise SpanqaError(
                 "--null_score_diff_threshold: must be finite (to always answer, train with "
                 "--no-version_2_with_negative)"

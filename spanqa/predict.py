@@ -4,8 +4,10 @@
     spanqa predict --model out/best_model --input questions.jsonl --output predictions.json
 
 `--input` takes SQuAD JSON (v1.1/v2.0; gold answers, if any, are ignored) or JSON lines of
-{"id", "question", "context"}. The output maps each id to {"answer", "score", "null_odds"}: the answer is
-"" when the null odds (null score − best span score, on the head's own scale) exceed the null threshold.
+{"id", "question", "context"}. It writes the official SQuAD v2 files, which `spanqa evaluate` (and the
+official script) reads: `--output` maps each id to its answer text ("" = no answer: the null odds, null
+score − best span score on the head's own scale, exceed the model's null threshold) and `--null_odds` each
+id to its null odds; `--details` also writes {"answer", "score", "null_odds", "windows"} per id.
 
 Inputs go through exactly the windows that training and evaluation use: they are written as a temporary
 SQuAD file and prepared into a temporary window store by `spanqa.data.prepare`, so long contexts are cut
@@ -141,12 +143,13 @@ def predict(
     info: ExportInfo,
     batch_size: int = 32,
     device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Prediction]:
     """Answers to `questions` from a loaded model (see `spanqa.export.load_export`), through the
-    export's window and answer settings."""
+    export's window and answer settings; `progress`: a bar over the windows on stderr."""
     with tempfile.TemporaryDirectory(prefix="spanqa-predict-") as tmp:
         store = prepare_store(questions, tokenizer, Path(tmp), info)
-        inferred = run_windows(model, store, info, batch_size, device)
+        inferred = run_windows(model, store, info, batch_size, device, progress)
         return select(inferred, store, info)
 
 
@@ -176,9 +179,12 @@ def prepare_store(questions: list[Question], tokenizer: Any, tmp: Path, info: Ex
     return prepare(source, tokenizer, tmp / "store", info.windows, progress=False)
 
 
-def run_windows(model: Any, store: Any, info: ExportInfo, batch_size: int, device: str):
+def run_windows(
+    model: Any, store: Any, info: ExportInfo, batch_size: int, device: str, progress: bool = False
+):
     """The answer candidates of every window of `store` (spanqa.eval.infer.Inferred)."""
     import torch
+    from tqdm import tqdm
 
     from spanqa.data.loader import eval_batches, make_loader
     from spanqa.eval.infer import infer_candidates
@@ -186,9 +192,18 @@ def run_windows(model: Any, store: Any, info: ExportInfo, batch_size: int, devic
     model = model.to(device).eval()
     loader = make_loader(store, eval_batches(store.window_lengths, batch_size))
     answers = info.answers
-    with torch.inference_mode():
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(store), desc="predict", unit="window", disable=not progress) as bar,
+    ):
         return infer_candidates(
-            model, model, loader, torch.device(device), answers.n_best_size, answers.max_answer_length
+            model,
+            model,
+            loader,
+            torch.device(device),
+            answers.n_best_size,
+            answers.max_answer_length,
+            progress=bar,
         )
 
 
@@ -229,7 +244,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--question", help="one question (with --context)")
     parser.add_argument("--context", help="the passage that --question is asked about")
     parser.add_argument("--input", help='SQuAD JSON or JSON lines of {"id", "question", "context"}')
-    parser.add_argument("--output", help="predictions JSON to write (default with --input: predictions.json)")
+    parser.add_argument(
+        "--output", help="predictions JSON {id: answer text} (default with --input: predictions.json)"
+    )
+    parser.add_argument(
+        "--null_odds",
+        help="null odds JSON {id: number} (default with --input: null_odds.json beside --output)",
+    )
+    parser.add_argument("--details", help="also write {id: {answer, score, null_odds, windows}} here")
     parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
     parser.add_argument(
         "--null_threshold", type=float, help='answer "" when null odds exceed it (default: the export\'s)'
@@ -271,23 +293,41 @@ def main(argv: list[str]) -> int:
         answers = dataclasses.replace(info.answers, null_score_diff_threshold=args.null_threshold)
         info = dataclasses.replace(info, answers=answers)
     device = args.device or _default_device()
-    predictions = predict(model, tokenizer, questions, info, args.batch_size, device)
-    output = {qid: p.as_json() for qid, p in predictions.items()}
-
-    out_path = args.output or ("predictions.json" if args.input is not None else None)
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        io.write_json(out_path, output)
-        answered = sum(1 for p in predictions.values() if p.answer)
-        windows = sum(p.windows for p in predictions.values())
-        print(
-            f"{len(predictions)} questions ({windows} windows, {answered} answered, "
-            f"{len(predictions) - answered} no answer) -> {out_path}",
-            file=sys.stderr,
-        )
+    predictions = predict(
+        model, tokenizer, questions, info, args.batch_size, device, progress=args.input is not None
+    )
     if args.input is None:
-        print(json.dumps(output["question"], ensure_ascii=False))
+        print(json.dumps(predictions["question"].as_json(), ensure_ascii=False))
+    else:
+        write_outputs(predictions, args)
     return 0
+
+
+def write_outputs(predictions: dict[str, Prediction], args: argparse.Namespace) -> None:
+    """predictions.json and null_odds.json in the official formats (+ the details file if asked for)."""
+    from spanqa.eval.evaluate import finite_odds
+
+    out = Path(args.output or "predictions.json")
+    odds_path = Path(args.null_odds) if args.null_odds else out.with_name("null_odds.json")
+    odds = {qid: math.inf if p.null_odds is None else p.null_odds for qid, p in predictions.items()}
+    files = {out: {qid: p.answer for qid, p in predictions.items()}, odds_path: finite_odds(odds)}
+    if args.details:
+        files[Path(args.details)] = {
+            qid: {**p.as_json(), "windows": p.windows} for qid, p in predictions.items()
+        }
+    for path in files:
+        if path.is_dir():
+            raise SpanqaError(f"{path}: is a directory; give a file name")
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, content)
+    answered = sum(1 for p in predictions.values() if p.answer)
+    windows = sum(p.windows for p in predictions.values())
+    print(
+        f"{len(predictions)} questions ({windows} windows, {answered} answered, "
+        f"{len(predictions) - answered} no answer) -> {', '.join(str(p) for p in files)}",
+        file=sys.stderr,
+    )
 
 
 def _default_device() -> str:

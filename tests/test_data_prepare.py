@@ -17,6 +17,7 @@ from spanqa.data.squad import load_squad
 from spanqa.data.store import WindowStore
 from spanqa.data.windows import WindowSettings, build_windows
 from spanqa.errors import SpanqaError
+from spanqa.io import file_crc32 as crc32
 from spanqa.testing import minilm_dir
 
 
@@ -228,7 +229,7 @@ def _labels_outside_context(store_dir):
             lambda p: (p / "meta.json").write_text(
                 json.dumps({**json.loads((p / "meta.json").read_text()), "format_version": 99})
             ),
-            r"meta.json: store format version 99, this spanqa reads version 2",
+            r"meta.json: store format version 99, this spanqa reads version 3",
         ),
         (
             lambda p: np.save(p / "end_positions.npy", _labels_outside_context(p)),
@@ -248,11 +249,57 @@ def _labels_outside_context(store_dir):
     ],  # fmt: skip
 )
 def test_damaged_store_fails_to_open_naming_the_file(tiny_store, tmp_path, damage, message):
+    """Each check on its own: the damaged files' checksums are brought up to date first (a store written
+    wrong, not one changed since), so that the check after the checksums is the one that speaks."""
     path = copy_store(tiny_store.path, tmp_path / "copy")
     damage(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None  # the damage is to meta.json itself
+    if isinstance(meta, dict) and "checksums" in meta:
+        present = {name: crc32(path / name) for name in meta["checksums"] if (path / name).is_file()}
+        (path / "meta.json").write_text(json.dumps({**meta, "checksums": {**meta["checksums"], **present}}))
     with pytest.raises(SpanqaError, match=message) as err:
         WindowStore.open(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["input_ids.npy", "start_positions.npy", "examples.jsonl"])
+def test_a_store_changed_after_it_was_written_fails_its_checksum(tiny_store, tmp_path, name):
+    """Same size, other bytes: what a flipped disk block or a clobbering copy leaves."""
+    path = copy_store(tiny_store.path, tmp_path / "copy")
+    data = bytearray((path / name).read_bytes())
+    data[-3] ^= 0xFF
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(SpanqaError, match=rf"{name}: corrupt: its CRC-32 differs from meta.json"):
+        WindowStore.open(path)
+
+
+def test_token_ids_past_the_vocabulary_are_refused(tiny_store, tmp_path):
+    path = copy_store(tiny_store.path, tmp_path / "copy")
+    ids = np.load(path / "input_ids.npy")
+    ids[5] = np.iinfo(ids.dtype).max  # 65535 > MiniLM's 30,522
+    np.save(path / "input_ids.npy", ids)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["checksums"]["input_ids.npy"] = crc32(path / "input_ids.npy")
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        SpanqaError, match=r"input_ids.npy: token ids past the tokenizer's vocabulary \(30522\)"
+    ):
+        WindowStore.open(path)
+
+
+def test_a_truncated_dev_examples_file_is_found_when_the_store_opens(tiny_store, tmp_path):
+    path = copy_store(tiny_store.path, tmp_path / "copy")
+    lines = (path / "examples.jsonl").read_text().splitlines(keepends=True)
+    (path / "examples.jsonl").write_text("".join(lines[:-3]))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["checksums"]["examples.jsonl"] = crc32(path / "examples.jsonl")
+    (path / "meta.json").write_text(json.dumps(meta))
+    WindowStore.open(path)  # a training store: examples are read when needed
+    with pytest.raises(SpanqaError, match=r"examples.jsonl: \d+ examples, meta.json says"):
+        WindowStore.open(path, read_examples=True)
 
 
 # ---- the command line: every bad input gives one line on stderr, exit 2, and writes nothing ----

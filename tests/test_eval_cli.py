@@ -60,13 +60,18 @@ def test_scores_a_predictions_file(files, capsys, tmp_path):
     )
     assert code == 0 and err == ""
     report = json.loads(out)  # one JSON object
+    # by default the predictions are scored as given: q2's "London" is wrong
     assert (report["exact"], report["total"], report["best_exact_thresh"], report["best_f1_thresh"]) == (
-        75.0,
+        50.0,
         4,
         -2.0,
         1.0,
     )
     assert json.loads(out_file.read_text()) == report
+    code, out, _ = run(
+        capsys, "--data_file", data, "--predictions", preds, "--null_odds", odds, "--null_threshold", "1"
+    )
+    assert json.loads(out)["exact"] == 75.0  # the official script's --na-prob-thresh: q2's odds 3 > 1, so ""
     code, out, _ = run(capsys, "--data_file", data, "--predictions", preds, "--null_threshold", "-5")
     assert json.loads(out)["exact"] == 50.0  # no null odds file: every odds is 0.0 > -5, all answered ""
     assert "best_f1" not in json.loads(out)
@@ -130,6 +135,6 @@ def test_written_files_are_what_the_official_scorer_reads(files, capsys, tmp_pat
         capsys,
         "--data_file", files("dev.json", DATA),
         "--predictions", str(written["predictions.json"]),
-        "--null_odds", str(written["null_odds.json"]),
+        "--null_odds", str(written["null_odds.json"]), "--null_threshold", "1",
     )  # fmt: skip
     assert code == 0 and json.loads(out)["exact"] == 75.0

@@ -152,23 +152,21 @@ def test_question_and_input_file_forms_agree(exported, head, tmp_path, capsys):
     squad.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
     outputs = {}
     for source in (jsonl, squad):
-        out = tmp_path / f"{source.suffix[1:]}-predictions.json"
-        args = [
-            "predict",
-            "--model",
-            model_dir,
-            "--input",
-            str(source),
-            "--output",
-            str(out),
-            "--batch_size",
-            "2",
-        ]
-        assert cli_main(args) == 0
-        outputs[source.suffix] = json.loads(out.read_text())
+        out = tmp_path / source.suffix[1:] / "predictions.json"
+        details = tmp_path / source.suffix[1:] / "details.json"
+        args = ["predict", "--model", model_dir, "--input", source, "--output", out, "--details", details]
+        assert cli_main([str(a) for a in [*args, "--batch_size", "2"]]) == 0
+        odds = json.loads((out.parent / "null_odds.json").read_text())  # beside --output by default
+        outputs[source.suffix] = (json.loads(out.read_text()), odds, json.loads(details.read_text()))
     assert outputs[".jsonl"] == outputs[".json"]
-    assert set(outputs[".json"]) == {"q-short", "q-long"}
-    assert outputs[".json"]["q-long"] == single
+    predictions, odds, details = outputs[".json"]
+    assert set(predictions) == set(odds) == {"q-short", "q-long"}
+    # the official formats: id -> answer text, id -> number; the details hold the records
+    assert all(isinstance(v, str) for v in predictions.values()) and all(
+        isinstance(v, float) for v in odds.values()
+    )
+    assert {k: v for k, v in details["q-long"].items() if k != "windows"} == single
+    assert predictions["q-long"] == single["answer"] and odds["q-long"] == pytest.approx(single["null_odds"])
 
 
 def test_read_questions_accepts_lists_and_default_ids(tmp_path):
@@ -239,3 +237,28 @@ def test_a_model_trained_without_negatives_always_answers(exported):
     model, tokenizer, settings = loaded(exported["span"])
     v1 = with_answers(settings, version_2_with_negative=False, null_score_diff_threshold=float("-inf"))
     assert all(p.answer for p in predict(model, tokenizer, QUESTIONS, v1).values())
+
+
+def test_the_readmes_predict_then_evaluate_recipe_runs_as_written(exported, tmp_path, monkeypatch, capsys):
+    """The README's `spanqa predict` / `spanqa evaluate` lines, run in order with its own flags (the model
+    and data paths pointed at a tiny export and a real SQuAD v2 file): evaluate accepts what predict wrote,
+    and scores what predict answered."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = [line for line in re.findall(r"^spanqa (?:predict|evaluate) .*$", readme, flags=re.M)]
+    assert [shlex.split(line)[1] for line in lines] == ["predict", "predict", "evaluate"]
+    fixture = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
+    paths = {"runs/spanbert-span/best_model": str(exported["span"]), "dev-v2.0.json": str(fixture)}
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in lines:
+        argv = [paths.get(word, word) for word in shlex.split(line)[1:]]
+        assert cli_main(argv) == 0, line
+        outputs.append(capsys.readouterr().out)
+    report = json.loads(outputs[-1])
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    answered = sum(1 for v in predictions.values() if v)
+    assert report["total"] == len(predictions) > 0 and "best_f1" in report
+    assert answered > 0  # the tiny random model answers some: evaluate scored predict's own answers

@@ -99,6 +99,7 @@ def test_resume_reuses_the_run_id_and_keeps_first_params(tracking_env, tmp_path,
     assert client(tracking_env).get_run(second.run_id).info.status == "RUNNING"
     with caplog.at_level(logging.WARNING, logger="spanqa.train.tracking"):
         second.log_params({"seed": 1, "max_steps": 20, "resumed_from": "ckpt-1"})
+        assert second.flush()  # the sender thread has sent (and warned)
     assert "max_steps" in caplog.text
     second.log_metrics({"loss": 1.0}, step=2)
     second.close()
@@ -237,3 +238,74 @@ def test_a_process_that_dies_without_close_still_sends_and_marks_the_run_failed(
     run = client(store_uri).get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.metrics == {"loss": 0.5}
+
+
+def test_a_resumed_run_is_backfilled_from_train_log_and_logs_no_point_twice(tracking_env, tmp_path):
+    """MLflow holds steps 1-5 (the rest was lost with a killed rank 0); the run log holds 1-8. After the
+    backfill MLflow holds 1-8 once each, and steps 6-8 logged again live (re-run after the resume) are
+    not sent a second time."""
+    out = tmp_path / "out"
+    first = make_tracker(0, out)
+    for step in range(1, 6):
+        first.log_metrics({"loss": 10.0 - step}, step=step)
+    first.close(status="KILLED")
+    history = [{"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, 9)]
+    second = make_tracker(0, out)
+    second.backfill(history)
+    for step in range(6, 10):
+        second.log_metrics({"loss": 10.0 - step}, step=step)
+    second.close()
+    points = client(tracking_env).get_metric_history(first.run_id, "loss")
+    assert sorted(m.step for m in points) == list(range(1, 10))
+    assert {m.step: m.value for m in points} == {s: 10.0 - s for s in range(1, 10)}
+
+
+def test_unsent_records_are_kept_and_sent_first_by_the_next_start(monkeypatch, tmp_path, store_uri):
+    out = tmp_path / "out"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-unlogged-replay")
+    for attempt in (1, 2):  # two attempts without a server: the second must not lose the first's points
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+        offline = make_tracker(0, out)
+        offline.log_metrics({"loss": float(attempt)}, step=attempt)
+        offline.close(status="KILLED")
+    lines = [json.loads(line) for line in (out / UNLOGGED_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines if line["kind"] == "metrics"] == [1, 2]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)  # the server is back
+    online = make_tracker(0, out)
+    online.log_metrics({"loss": 3.0}, step=3)
+    online.close()
+    assert not (out / UNLOGGED_FILE).exists()
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    history = client(store_uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert client(store_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_hung_server_never_holds_up_the_caller(monkeypatch, tmp_path):
+    """A server that accepts connections and never answers, with a 10-minute HTTP timeout: logging
+    returns at once (a blocked call would hang this test), and close() gives up at its deadline with
+    every record on disk."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+    threading.Thread(
+        target=lambda: [accepted.append(listener.accept()) for _ in range(16)], daemon=True
+    ).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    out = tmp_path / "out"
+    from spanqa.train import tracking
+
+    monkeypatch.setattr(tracking.MlflowSender, "start", lambda self: None)  # the start would hang too
+    tracker = make_tracker(0, out)
+    for step in range(1, 201):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    tracker.close(deadline_s=2.0)
+    lines = [json.loads(line) for line in (out / UNLOGGED_FILE).read_text().splitlines()]
+    assert sorted(line["step"] for line in lines if line["kind"] == "metrics") == list(range(1, 201))
+    assert lines[-1] == {"kind": "status", "status": "FINISHED"}
+    listener.close()

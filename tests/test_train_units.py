@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 from spanqa.errors import SpanqaError
 from spanqa.train import checkpoint as ckpt
-from spanqa.train.distributed import PreemptionFlag, env_from_environ, slurm_job_to_requeue
+from spanqa.train.distributed import env_from_environ
 from spanqa.train.entry import default_omp_threads
 from spanqa.train.optim import eval_points, is_decayed, warmup_linear_decay
+from spanqa.train.signals import PreemptionFlag, slurm_job_to_requeue
 
 
 def test_warmup_then_linear_decay_to_zero():
@@ -35,14 +37,20 @@ def test_no_weight_decay_on_biases_and_layer_norms():
     assert decayed == {"dense.weight"}
 
 
+def fake_checkpoint(root, step: int, complete: bool = True):
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 40)
+    if complete:
+        ckpt.mark_complete(path, {"step": step})
+    return path
+
+
 def test_latest_complete_checkpoint_skips_interrupted_saves(tmp_path):
     root = tmp_path / "checkpoints"
     for step, complete in ((10, True), (20, True), (30, False)):
-        path = root / ckpt.tag_for(step)
-        path.mkdir(parents=True)
-        if complete:
-            ckpt.mark_complete(path, {"step": step})
-    assert ckpt.latest_complete(root) == root / "step-00000020"
+        fake_checkpoint(root, step, complete)
+    assert ckpt.latest_verified(root) == root / "step-00000020"
     assert ckpt.resolve_resume("auto", tmp_path) == root / "step-00000020"
     assert ckpt.resolve_resume("none", tmp_path) is None
     with pytest.raises(SpanqaError, match="--resume: .*step-00000030: not a complete checkpoint"):
@@ -50,10 +58,59 @@ def test_latest_complete_checkpoint_skips_interrupted_saves(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path / "elsewhere") is None
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-10]), "bytes, the manifest says"),  # truncated
+        (lambda f: f.write_bytes(bytes(reversed(f.read_bytes()))), "CRC-32 differs"),  # same size, changed
+        (lambda f: f.unlink(), "missing"),
+        (lambda f: (f.parent / "complete").write_text("junk"), "not a checkpoint manifest"),
+    ],
+    ids=["truncated", "changed", "missing", "junk-marker"],
+)
+def test_a_damaged_checkpoint_is_passed_over_for_the_newest_that_verifies(tmp_path, caplog, damage, said):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 10)
+    newest = fake_checkpoint(root, 20)
+    damage(newest / "mp_rank_00_model_states.pt")
+    assert ckpt.latest_verified(root) == root / "step-00000010"
+    assert "passing over step-00000020" in caplog.text and said in caplog.text
+    with pytest.raises(SpanqaError, match=said):  # named explicitly, it is refused
+        ckpt.resolve_resume(str(newest), tmp_path)
+
+
+def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):
+    """A pickle that calls a function on load (here: os.system) is refused by the weights-only loader."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "rng-rank0.pt"
+    bad.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(SpanqaError, match="refused to load"):
+        ckpt.safe_load(bad)
+    assert not marker.exists()
+
+
+def test_a_world_size_change_is_refused_only_for_a_partitioned_optimizer_state(tmp_path):
+    whole = fake_checkpoint(tmp_path, 10)
+    ckpt.check_world_size(whole, world_size=4)  # ZeRO stage 0 in fp32: the optimizer state is whole
+    partitioned = tmp_path / "p"
+    partitioned.mkdir()
+    (partitioned / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    ckpt.mark_complete(partitioned, {"step": 10, "world_size": 2})
+    ckpt.check_world_size(partitioned, world_size=2)
+    with pytest.raises(SpanqaError, match="written by 2 ranks with a partitioned optimizer state"):
+        ckpt.check_world_size(partitioned, world_size=1)
+
+
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (1, 2, 3):
-        (tmp_path / ckpt.tag_for(step)).mkdir()
-        ckpt.mark_complete(tmp_path / ckpt.tag_for(step), {})
+        fake_checkpoint(tmp_path, step)
     (tmp_path / ckpt.tag_for(4)).mkdir()  # being written right now: never touched
     ckpt.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003", "step-00000004"]
@@ -70,6 +127,7 @@ def test_rng_states_round_trip(tmp_path):
 def test_preemption_flag_catches_usr1_and_restores_the_handler():
     before = signal.getsignal(signal.SIGUSR1)
     flag = PreemptionFlag()
+    flag.arm()
     assert not flag.is_set
     os.kill(os.getpid(), signal.SIGUSR1)
     assert flag.is_set and flag.wants_requeue
@@ -80,6 +138,7 @@ def test_preemption_flag_catches_usr1_and_restores_the_handler():
 def test_sigterm_stops_without_asking_for_a_requeue():
     before = signal.getsignal(signal.SIGTERM)
     flag = PreemptionFlag()
+    flag.arm()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the flag handles it
         assert flag.is_set and not flag.wants_requeue
@@ -115,3 +174,58 @@ def test_env_errors_name_the_variable(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(SpanqaError, match="MASTER_ADDR"):
         env_from_environ()
+
+
+def test_ctrl_c_stops_like_sigterm_and_before_training_ends_the_process_quietly():
+    flag = PreemptionFlag()
+    try:
+        with pytest.raises(SystemExit) as stopped:  # nothing trained yet: nothing to save
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.code == 128 + signal.SIGINT
+        flag.arm()
+        os.kill(os.getpid(), signal.SIGINT)  # training: the flag is set, the run saves and ends
+        assert flag.is_set and not flag.wants_requeue
+    finally:
+        flag.restore()
+
+
+def test_a_rank_stops_when_its_launcher_dies(tmp_path):
+    """A process started like a rank (LOCAL_RANK set) under a parent that is killed gets SIGTERM."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent(
+        f"""
+        import signal, sys, time
+        from spanqa.train.signals import watch_launcher
+        got = []
+        signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+        watch_launcher(interval_s=0.1)
+        open({str(tmp_path / "ready")!r}, "w").close()
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        open({str(tmp_path / "result")!r}, "w").write("stopped" if got else "ran on")
+        """
+    )
+    parent = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    )
+    env = {**os.environ, "LOCAL_RANK": "0"}
+    launcher = subprocess.Popen([sys.executable, "-c", parent], env=env)
+    try:
+        for _ in range(300):
+            if (tmp_path / "ready").exists():
+                break
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+        for _ in range(300):
+            if (tmp_path / "result").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "result").read_text() == "stopped"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

@@ -140,7 +140,8 @@ def summary(store: WindowStore) -> str:
     lines = [
         f"window store: {store.path}"
         + (" (reused: same source, tokenizer, settings and format)" if store.reused else ""),
-        f"  examples {c['examples']:,} ({v['answerable']:,} answerable, {v['impossible']:,} unanswerable)",
+        f"  questions {v['questions']:,} ({v['answerable']:,} answerable, {v['impossible']:,} unanswerable); "
+        f"{v['questions_dropped']:,} dropped (answerable, no valid answer): {c['examples']:,} examples",
         f"  windows {c['windows']:,} ({c['windows_with_answer']:,} hold their answer), "
         f"tokens {c['tokens']:,}",
         f"  answers {v['answers']:,}: {v['answers_repaired']:,} repaired, {v['answers_dropped']:,} dropped; "

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from spanqa import io
 from spanqa.data.squad import Example
 from spanqa.data.windows import WindowArrays, WindowSettings
 from spanqa.errors import SpanqaError
 from spanqa.io import atomic_dir, write_json
 
-FORMAT_VERSION = 2  # 2: no doc_offset array
+FORMAT_VERSION = 3  # 2: no doc_offset array; 3: checksums, window settings with doc_stride/doc_overlap
 META = "meta.json"
 EXAMPLES = "examples.jsonl"
 
@@ -72,15 +73,21 @@ class WindowStore:
         self.reused = False  # set by prepare(): True when it found this store already built
 
     @classmethod
-    def open(cls, path: str | Path) -> WindowStore:
-        """Open and check a store: SpanqaError naming the file if it is partial, corrupt, another version."""
+    def open(cls, path: str | Path, read_examples: bool = False, verify: bool = True) -> WindowStore:
+        """Open and check a store: SpanqaError naming the file if it is partial, corrupt (a checksum, a
+        token id past the vocabulary, a label outside its window), another version. `read_examples`:
+        read examples.jsonl now too (a dev store: found broken at open, not at the first evaluation).
+        `verify=False` skips the checksums (a worker reopening a store its parent has verified)."""
         path = Path(path)
         meta = read_meta(path)
+        if verify:
+            _check_checksums(path, meta)
         arrays = {name: _open_array(path, name, meta) for name in WindowArrays.ARRAYS}
         _check_consistent(path, meta, arrays)
-        if not (path / EXAMPLES).is_file():
-            raise SpanqaError(f"{path / EXAMPLES}: missing (partial window store)")
-        return cls(path, meta, arrays)
+        store = cls(path, meta, arrays)
+        if read_examples:
+            store.examples()
+        return store
 
     def check_compatible(
         self, tokenizer: Any = None, settings: WindowSettings | None = None, source_sha256: str | None = None
@@ -172,7 +179,7 @@ def read_meta(path: Path) -> dict:
             f"{meta_file}: store format version {meta['format_version']}, this spanqa reads version "
             f"{FORMAT_VERSION}: prepare it again"
         )
-    for key in ("counts", "dtypes", "tokenizer", "settings", "source"):
+    for key in ("counts", "dtypes", "tokenizer", "settings", "source", "checksums"):
         if key not in meta:
             raise SpanqaError(f"{meta_file}: corrupt: missing {key!r}")
     return meta
@@ -191,6 +198,17 @@ def _open_array(path: Path, name: str, meta: dict) -> np.ndarray:
     return array
 
 
+def _check_checksums(path: Path, meta: dict) -> None:
+    for name, crc in meta["checksums"].items():
+        file = path / name
+        if not file.is_file():
+            raise SpanqaError(f"{file}: missing (partial window store)")
+        if io.file_crc32(file) != crc:
+            raise SpanqaError(
+                f"{file}: corrupt: its CRC-32 differs from meta.json's (prepare the store again)"
+            )
+
+
 def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     n, tokens = meta["counts"]["windows"], meta["counts"]["tokens"]
     expected = {name: (n,) for name in WindowArrays.ARRAYS}
@@ -200,9 +218,14 @@ def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> 
             raise SpanqaError(
                 f"{path / (name + '.npy')}: shape {arrays[name].shape}, expected {shape} from meta.json"
             )
-    starts = arrays["window_starts"]
+    starts = np.asarray(arrays["window_starts"])
     if n and (starts[0] != 0 or starts[-1] != tokens):
         raise SpanqaError(f"{path / 'window_starts.npy'}: does not cover the {tokens} tokens")
+    if not np.array_equal(np.diff(starts), np.asarray(arrays["window_lengths"], np.int64)):
+        raise SpanqaError(f"{path / 'window_starts.npy'}: window starts disagree with window_lengths.npy")
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    if tokens and int(np.asarray(arrays["input_ids"]).max()) >= vocab:
+        raise SpanqaError(f"{path / 'input_ids.npy'}: token ids past the tokenizer's vocabulary ({vocab})")
     _check_labels(path, arrays)
 
 
@@ -247,5 +270,7 @@ def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Exampl
         with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        files = [f"{name}.npy" for name in WindowArrays.ARRAYS] + [EXAMPLES]
+        meta = {**meta, "checksums": {name: io.file_crc32(tmp / name) for name in files}}
         write_json(tmp / META, meta)  # meta.json last: a directory without it is never taken for a store
     return Path(out_dir)

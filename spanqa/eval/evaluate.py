@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,8 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--null_threshold",
         type=float,
-        default=1.0,
-        help="answer '' where the null odds exceed this (default 1.0, as the official --na-prob-thresh)",
+        default=math.inf,
+        help="also answer '' where the null odds exceed this (the official --na-prob-thresh). Default: "
+        "none, the predictions are scored as given; the official default 1.0 never changes a prediction "
+        "for its probabilities in [0, 1], but spanqa's null odds are score differences",
     )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
@@ -100,14 +103,18 @@ def write_prediction_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         PREDICTIONS_FILE: dict(predictions),
-        NULL_ODDS_FILE: {qid: _finite(v) for qid, v in null_odds.items()},
+        NULL_ODDS_FILE: finite_odds(null_odds),
         REPORT_FILE: dict(report),
     }
     return {name: io.write_json(out_dir / name, content, indent=1) for name, content in files.items()}
 
 
-def _finite(value: float) -> float:
-    value = float(value)
-    if value != value:
-        raise ValueError("null odds must not be NaN")
-    return max(-1e30, min(1e30, value))
+def finite_odds(null_odds: Mapping[str, float]) -> dict[str, float]:
+    """Null odds as strict JSON: infinite odds (a question with no valid span) become ±1e30."""
+    out = {}
+    for qid, value in null_odds.items():
+        value = float(value)
+        if value != value:
+            raise ValueError(f"null odds of {qid!r} is NaN")
+        out[qid] = max(-1e30, min(1e30, value))
+    return out

@@ -27,21 +27,26 @@ class AnswerSettings:
     """Candidate spans kept per window."""
     version_2_with_negative: bool = True
     """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted."""
-    null_score_diff_threshold: float = 0.0
-    """Predict no answer when null score − best span score exceeds this."""
+    null_score_diff_threshold: float | None = None
+    """Predict no answer when null score − best span score exceeds this. Default: the threshold that
+    reached the best --eval_metric on dev when that is best_f1/best_exact (exported with the model),
+    else 0."""
 
     def __post_init__(self) -> None:
         for name in ("max_answer_length", "n_best_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpanqaError(f"--{name}: must be a positive integer, got {value!r}")
-        if math.isnan(self.null_score_diff_threshold):
+        if self.null_score_diff_threshold is not None and math.isnan(self.null_score_diff_threshold):
             raise SpanqaError("--null_score_diff_threshold: must be a number, got nan")
 
     @property
     def null_threshold(self) -> float:
-        """The null-odds threshold for answer selection; +inf never predicts "no answer" (SQuAD v1.1)."""
-        return self.null_score_diff_threshold if self.version_2_with_negative else math.inf
+        """The null-odds threshold for answer selection (0 when none is set); +inf never predicts
+        "no answer" (SQuAD v1.1)."""
+        if not self.version_2_with_negative:
+            return math.inf
+        return 0.0 if self.null_score_diff_threshold is None else self.null_score_diff_threshold
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

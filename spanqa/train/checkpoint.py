@@ -1,15 +1,22 @@
-"""Checkpoint layout, the `complete` marker, and the process state that DeepSpeed does not save.
+"""Checkpoints: their layout, a manifest that proves them whole, loading that runs no code, and the process
+state DeepSpeed does not save.
 
 OUTPUT_DIR/checkpoints/step-00000120/   DeepSpeed's files for optimizer step 120 (every rank writes its part)
-    rng-rank0.pt, rng-rank1.pt, ...    each rank's RNG states (python, numpy, torch, cuda)
-    complete                           written by rank 0 after every rank finished saving
+    rng-rank0.pt, rng-rank1.pt, ...    each rank's RNG states, as tensors and plain numbers
+    complete                           written last, by rank 0, once every rank has saved and every file is
+                                       on disk: the size and CRC-32 of each file of the checkpoint
 
-A directory without `complete` (a save that was interrupted) is never taken by `--resume auto`.
+`--resume auto` takes the newest checkpoint whose files match its `complete` manifest, and says which file
+made it pass over a newer one. Files are loaded with `torch.load(weights_only=True)`: a crafted checkpoint
+cannot run code. DeepSpeed's optimizer files hold three of its own classes (its loss scaler, its ZeRO stage
+enum and fragment addresses), which are allowed by name (`SAFE_DEEPSPEED_GLOBALS`); nothing else is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +32,7 @@ log = logging.getLogger("spanqa.train")
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
 PREFIX = "step-"
+MANIFEST_VERSION = 1
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -35,21 +43,64 @@ def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
+# ---- the manifest ---------------------------------------------------------------------------------
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+def make_manifest(path: Path) -> dict:
+    """Size and CRC-32 of every file in the checkpoint directory `path` (after fsync-ing each)."""
+    io.fsync_tree(path)
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE):
+        files[str(file.relative_to(path))] = {"bytes": file.stat().st_size, "crc32": io.file_crc32(file)}
+    return {"manifest_version": MANIFEST_VERSION, "files": files}
+
+
+def mark_complete(path: Path, summary: dict) -> None:
+    """Write the manifest as the `complete` marker (atomically, fsync-ed, the directory too)."""
+    io.write_json(path / COMPLETE, {**summary, **make_manifest(path)})
+    io.fsync_tree(path)
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint at `path` is complete and every file matches its manifest, else what is
+    wrong (naming the file)."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return f"{path}: not a complete checkpoint (no '{COMPLETE}' marker)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        expected = {name: (int(f["bytes"]), int(f["crc32"])) for name, f in files.items()}
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{marker}: not a checkpoint manifest (unreadable or written by another version)"
+    for name, (size, crc) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, the manifest says {size}"
+        if io.file_crc32(file) != crc:
+            return f"{file}: its contents changed after it was saved (CRC-32 differs from the manifest)"
+    return None
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root` that have a `complete` marker, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
-def latest_complete(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+def latest_verified(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is named with the reason."""
+    for path in reversed(checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning(f"--resume auto: passing over {path.name}: {problem}")
+    return None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -57,44 +108,76 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_complete(checkpoint_root(output_dir))
-    path = Path(resume)
-    if not is_complete(path):
-        raise SpanqaError(f"--resume: {path}: not a complete checkpoint (no '{COMPLETE}' marker)")
-    return path
+        return latest_verified(checkpoint_root(output_dir))
+    problem = verify(Path(resume))
+    if problem is not None:
+        raise SpanqaError(f"--resume: {problem}")
+    return Path(resume)
 
 
-def mark_complete(path: Path, info: dict) -> None:
-    """Atomically write the marker (with a small summary, for people) once all ranks saved."""
-    io.write_json(path / COMPLETE, info)
+def check_world_size(path: Path, world_size: int) -> None:
+    """A checkpoint resumes on another number of ranks only when its optimizer state is whole (ZeRO stage
+    0 in fp32): DeepSpeed 0.19 cannot repartition ZeRO's (or its bf16 optimizer's) per-rank state for a
+    new world size, so that is refused before any step."""
+    summary = json.loads((path / COMPLETE).read_text())
+    saved = summary.get("world_size")
+    partitioned = sorted(name for name in summary["files"] if "zero_pp_rank_" in name)
+    if saved is not None and saved != world_size and partitioned:
+        raise SpanqaError(
+            f"--resume: {path} was written by {saved} ranks with a partitioned optimizer state "
+            f"({partitioned[0]}, ...): DeepSpeed cannot spread it over {world_size}; resume on {saved} ranks"
+        )
 
 
 def prune(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than them."""
-    complete = complete_checkpoints(root)
+    complete = checkpoints(root)
     if len(complete) <= keep:
         return []
     newest_kept = complete[-keep].name
     doomed = complete[:-keep] + [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and not is_complete(p) and p.name < newest_kept
+        if p.is_dir() and p.name.startswith(PREFIX) and not (p / COMPLETE).is_file() and p.name < newest_kept
     ]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
+def remove_all(root: Path) -> list[Path]:
+    """Delete every checkpoint directory (complete or not) under `root`, and `root` when it is empty."""
+    if not root.is_dir():
+        return []
+    doomed = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    if not any(root.iterdir()):
+        root.rmdir()
+    return doomed
+
+
+# ---- RNG states, as tensors and plain numbers (loadable with weights_only=True) -----------------
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -112,12 +195,55 @@ def save_rng(path: Path, rank: int) -> None:
 def load_rng(path: Path, rank: int) -> dict | None:
     """This rank's saved RNG states; None when the run had fewer ranks (then the seed's stream goes on)."""
     file = rng_file(path, rank)
-    return torch.load(file, weights_only=False) if file.is_file() else None
+    return safe_load(file) if file.is_file() else None
+
+
+# ---- loading without running code -----------------------------------------------------------------
+
+
+def safe_deepspeed_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None):
+    """torch.load(weights_only=True) with DeepSpeed's three classes allowed; a file that needs anything
+    else is refused in one line."""
+    try:
+        with torch.serialization.safe_globals(safe_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next(
+            (line for line in str(err).splitlines() if "global" in line.lower()), io.first_line(err)
+        )
+        raise SpanqaError(
+            f"--resume: {path}: refused to load (it needs more than tensors): {reason.strip()}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise SpanqaError(f"--resume: {path}: cannot load: {io.first_line(err)}") from None
+
+
+def safe_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading through `safe_load` (every DeepSpeed load goes
+    through engine.checkpoint_engine)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return SafeTorchCheckpointEngine(engine._config)
+
+
+# ---- saving and loading a whole checkpoint --------------------------------------------------------
 
 
 def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int) -> Path:
-    """Collective: every rank saves its part; rank 0 marks the checkpoint complete afterwards and prunes
-    all but the newest `keep`."""
+    """Collective: every rank saves its part; once all have, rank 0 writes the manifest as the
+    `complete` marker and prunes all but the newest `keep`."""
     root, tag = checkpoint_root(output_dir), tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     save_rng(root / tag, env.rank)
@@ -131,10 +257,11 @@ def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, 
 
 
 def load(engine, path: Path, rank: int) -> dict:
-    """Restore the engine and this rank's RNG streams from a complete checkpoint; its client state."""
+    """Restore the engine and this rank's RNG streams from a verified checkpoint; its client state."""
+    engine.checkpoint_engine = safe_checkpoint_engine(engine)
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if loaded is None:
-        raise SpanqaError(f"--resume: {path}: DeepSpeed could not load it")
+    if loaded is None or client_state is None or "trainer" not in client_state:
+        raise SpanqaError(f"--resume: {path}: DeepSpeed found no checkpoint of this run in it")
     rng = load_rng(path, rank)
     if rng is not None:
         set_rng_state(rng)

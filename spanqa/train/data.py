@@ -89,7 +89,8 @@ def prepare_stores(config: TrainConfig, tokenizer: Any, env: DistEnv):
         return train, dev
     root = Path(config.prepared)
     train_store = WindowStore.open(root / "train")
-    dev_store = WindowStore.open(root / "dev") if (root / "dev" / "meta.json").is_file() else None
+    has_dev = (root / "dev" / "meta.json").is_file()
+    dev_store = WindowStore.open(root / "dev", read_examples=True) if has_dev else None
     # stores made elsewhere (or long ago) must match this model's tokenizer and these window flags
     for store in (train_store, dev_store):
         if store is not None:
@@ -118,7 +119,7 @@ def _prepared(config: TrainConfig, data_file: str, role: str, tokenizer: Any, en
         log.info(f"{role}: window store {out}")
         prepare(data_file, tokenizer, out, config.windows, progress=env.is_main)
     barrier()
-    return WindowStore.open(out)
+    return WindowStore.open(out, read_examples=role == "dev")
 
 
 def gold_questions(dev_store: WindowStore, dev_file: str | None) -> list:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -140,59 +138,17 @@ def broadcast_from_main(obj, env: DistEnv):
     return holder[0]
 
 
-# ---- preemption ---------------------------------------------------------------------------------
-
-
-class PreemptionFlag:
-    """SIGUSR1 (SLURM's `--signal=USR1@T`, or `scancel --signal=USR1 --batch`) and SIGTERM (`scancel`,
-    a requeue, a preemption by another job) set a flag; the trainer checks it at step boundaries,
-    together with the other ranks, and saves a checkpoint before it exits. Only SIGUSR1 asks for the
-    job to be requeued: SIGTERM means the job is being ended, and it must stay ended.
-
-    Install it for the life of the process: after `scontrol requeue` SLURM SIGTERMs every task, and
-    a default handler then would kill the ranks while they still close the MLflow run.
-    """
-
-    REQUEUE_SIGNAL = signal.SIGUSR1
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.received: set[int] = set()
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received.add(signum)
-
-    @property
-    def is_set(self) -> bool:
-        return bool(self.received)
-
-    @property
-    def wants_requeue(self) -> bool:
-        return self.REQUEUE_SIGNAL in self.received
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-def slurm_job_to_requeue(environ: dict | None = None) -> str | None:
-    """The job id `scontrol requeue` wants: ARRAYJOB_TASK for array tasks, else the job id; None
-    outside SLURM."""
-    environ = os.environ if environ is None else environ
-    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
-        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    return environ.get("SLURM_JOB_ID")
-
-
-def requeue_slurm_job(job: str) -> str:
-    """Ask SLURM to run this job again (it resumes from the checkpoint just saved); the outcome as text."""
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"scontrol requeue {job} failed: {err}"
-    if done.returncode != 0:
-        return f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
-    return f"scontrol requeue {job}: done"
+def on_main(action, env: DistEnv):
+    """Run `action` on rank 0 only and return its result on every rank; a SpanqaError it raises stops
+    every rank (rank 0 reports it, the others exit quietly) instead of leaving them waiting at the next
+    collective."""
+    outcome = (None, None)
+    if env.is_main:
+        try:
+            outcome = (action(), None)
+        except SpanqaError as err:
+            outcome = (None, str(err))
+    result, message = broadcast_from_main(outcome, env)
+    if message is not None:
+        raise SpanqaError(message, quiet=not env.is_main)
+    return result

@@ -25,11 +25,22 @@ def default_omp_threads(environ: dict | None = None) -> bool:
     return False
 
 
+def quiet_cpu_accelerator() -> None:
+    """Without a GPU, tell DeepSpeed its accelerator is the CPU: else every process that imports it
+    probes for one and warns "Setting accelerator to CPU"."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str], prog: str = "spanqa train") -> int:
     default_omp_threads()  # before torch is imported below
+    quiet_cpu_accelerator()
 
     from spanqa.config import parse_train_args
-    from spanqa.train.distributed import PreemptionFlag, destroy_distributed, init_distributed
+    from spanqa.train.distributed import destroy_distributed, init_distributed
+    from spanqa.train.signals import PreemptionFlag, watch_launcher
     from spanqa.train.trainer import Trainer
 
     config = parse_train_args(argv, prog=prog)  # a bad flag stops here: nothing is written
@@ -37,6 +48,7 @@ def main(argv: list[str], prog: str = "spanqa train") -> int:
     # task after `scontrol requeue`) must not kill it before MLflow has the last metrics.
     preemption = PreemptionFlag()
     env = init_distributed()
+    watch_launcher()
     try:
         trainer = Trainer(config, env)
         outcome = trainer.train(preemption)
@@ -59,10 +71,9 @@ def run_script(prog: str) -> None:
     bad input."""
     import sys
 
-    from spanqa.errors import SpanqaError
+    from spanqa.errors import SpanqaError, report
 
     try:
         sys.exit(main(sys.argv[1:], prog=prog))
     except SpanqaError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report(prog, err))

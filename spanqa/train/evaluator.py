@@ -51,12 +51,24 @@ class Evaluator:
         return broadcast_from_main(scores, self.env)
 
     def _score(self, gathered: list[Inferred], step: int, epoch: float, seconds: float) -> dict:
-        threshold = self.config.answers.null_threshold
+        """Figures at the configured threshold, the best ones over all thresholds, and (when the threshold
+        is tuned) the full figures at the tuned one; eval/ gets the answers at the model's threshold."""
+        answers = self.config.answers
         cands = WindowCandidates.concatenate([g.candidates for g in gathered])
         indices = [i for g in gathered for i in g.window_indices.tolist()]
-        predictions, null_odds = select_answers(cands, indices, self.data.dev_store, threshold)
-        scores = squad_v2_scores(self.data.golds, predictions, null_odds, null_threshold=threshold)
+        # every question's best non-null answer: the metric applies the thresholds itself, so that the
+        # best-threshold sweep sees answers for thresholds above the configured one too
+        best_spans, null_odds = select_answers(cands, indices, self.data.dev_store, math.inf)
+        scores = squad_v2_scores(
+            self.data.golds, best_spans, null_odds, null_threshold=answers.null_threshold
+        )
         scores["eval_loss"] = sum(g.loss_sum for g in gathered) / max(1, len(indices))
+        threshold = self.model_threshold(scores)
+        if threshold != answers.null_threshold:
+            tuned = squad_v2_scores(self.data.golds, best_spans, null_odds, null_threshold=threshold)
+            scores.update({f"tuned_{k}": v for k, v in tuned.items() if k in TUNED_FIGURES})
+            scores["tuned_threshold"] = threshold
+        predictions = {qid: "" if null_odds[qid] > threshold else text for qid, text in best_spans.items()}
         report = {
             **scores,
             "step": step,
@@ -65,9 +77,26 @@ class Evaluator:
             "eval_seconds": round(seconds, 3),
         }
         write_prediction_files(self.output_dir / EVAL_DIR, predictions, null_odds, report)
-        log.info(
-            f"eval at step {step} (epoch {epoch:.2f}): exact {scores['exact']:.2f} f1 {scores['f1']:.2f} "
-            f"best_f1 {scores.get('best_f1', math.nan):.2f} eval_loss {scores['eval_loss']:.4f} "
-            f"({seconds:.1f} s)"
-        )
+        log.info(eval_line(scores, step, epoch, seconds))
         return scores
+
+    def model_threshold(self, scores: dict) -> float:
+        """The null threshold the exported model answers with: the one given, else the one that reached
+        the best --eval_metric on dev when that is a best_* metric (SpanBERT's recipe), else 0."""
+        answers, metric = self.config.answers, self.config.eval_metric
+        if answers.null_score_diff_threshold is not None or not answers.version_2_with_negative:
+            return answers.null_threshold
+        return float(scores.get(f"{metric}_thresh", 0.0)) if metric.startswith("best_") else 0.0
+
+
+TUNED_FIGURES = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")
+
+
+def eval_line(scores: dict, step: int, epoch: float, seconds: float) -> str:
+    line = f"eval at step {step} (epoch {epoch:.2f}): exact {scores['exact']:.2f} f1 {scores['f1']:.2f}"
+    for key in ("HasAns_f1", "NoAns_f1", "best_f1"):
+        if key in scores:
+            line += f" {key} {scores[key]:.2f}"
+    if "tuned_threshold" in scores:
+        line += f" (at the tuned threshold {scores['tuned_threshold']:.3f}: f1 {scores['tuned_f1']:.2f})"
+    return line + f" eval_loss {scores['eval_loss']:.4f} ({seconds:.1f} s)"

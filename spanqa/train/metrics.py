@@ -40,9 +40,11 @@ class StepMetrics:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.env.device)
+        # float64 on the device: a window carried over a checkpoint adds up like one that was not
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         self._window = StepRecord(0, 0, 0, 0)
         self._window_started = time.perf_counter()
+        self._seconds_before = 0.0  # of a window that began before the checkpoint this run resumed from
 
     def start(self) -> None:
         """Mark the start of training (the first step's time counts from here)."""
@@ -57,7 +59,7 @@ class StepMetrics:
         current.real_tokens += sum(lengths)
         current.padded_tokens += batch["attention_mask"].numel()
         current.flops += batch_train_flops(self.shape, lengths)
-        self._loss_sum += loss.detach().float() * len(lengths)
+        self._loss_sum += loss.detach().double() * len(lengths)
 
     def step_done(self) -> None:
         """An optimizer step ended: close its record."""
@@ -76,12 +78,12 @@ class StepMetrics:
         window = self._window
         counts = [window.windows, window.real_tokens, window.flops, *flags]
         counts = torch.tensor(counts, dtype=torch.float64, device=self.env.device)
-        packed = torch.cat([self._loss_sum.reshape(1).double(), counts])
+        packed = torch.cat([self._loss_sum.reshape(1), counts])
         loss_sum, windows, tokens, flops, *summed = sum_tensors(packed).tolist()
         self._resolve_times()
         if not window_ends or windows == 0:
             return None, summed
-        elapsed = time.perf_counter() - self._window_started
+        elapsed = time.perf_counter() - self._window_started + self._seconds_before
         figures = {
             "loss": loss_sum / windows,
             "samples_per_s": windows / elapsed,
@@ -90,6 +92,34 @@ class StepMetrics:
         }
         self._reset_window()
         return figures, summed
+
+    def window_state(self) -> dict[str, float]:
+        """Collective: the open logging window summed over the ranks, for a checkpoint (a resumed run
+        then logs the same windows as an uninterrupted one)."""
+        window = self._window
+        counts = [window.windows, window.real_tokens, window.padded_tokens, window.flops]
+        packed = torch.cat(
+            [self._loss_sum.reshape(1), torch.tensor(counts, dtype=torch.float64, device=self.env.device)]
+        )
+        loss_sum, windows, tokens, padded, flops = sum_tensors(packed).tolist()
+        seconds = time.perf_counter() - self._window_started + self._seconds_before
+        return {
+            "loss_sum": loss_sum,
+            "windows": windows,
+            "real_tokens": tokens,
+            "padded_tokens": padded,
+            "flops": flops,
+            "seconds": seconds,
+        }
+
+    def restore_window(self, state: dict[str, float]) -> None:
+        """Carry a checkpoint's open window on (its sums on rank 0, so that they count once)."""
+        if not self.env.is_main or not state:
+            return
+        self._loss_sum += state["loss_sum"]
+        for name in ("windows", "real_tokens", "padded_tokens", "flops"):
+            setattr(self._window, name, int(state[name]))
+        self._seconds_before = state["seconds"]
 
     def _mark(self):
         if self.env.device.type == "cuda":

@@ -24,14 +24,18 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, verbose: bool = False) -> None:
+    """spanqa's lines on rank 0 (every rank's with `verbose`); DeepSpeed's own only from warning up
+    unless `verbose`."""
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.propagate = False
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if rank != 0:
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    deepspeed_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    for ds_handler in deepspeed_logger.handlers:
+        ds_handler.setLevel(logging.NOTSET)  # its handlers carry levels of their own: let the logger's decide
 
 
 def bar(total: int, desc: str, enabled: bool, unit: str = "it", initial: int = 0) -> tqdm:

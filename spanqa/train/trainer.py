@@ -16,6 +16,7 @@ ranks and logged every --logging_steps), `--compile` for torch.compile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,23 +32,28 @@ from spanqa.flops import EncoderShape, device_peak
 from spanqa.train import checkpoint as ckpt
 from spanqa.train import ds_engine
 from spanqa.train.data import setup_data
-from spanqa.train.distributed import DistEnv, PreemptionFlag, barrier, requeue_slurm_job, slurm_job_to_requeue
+from spanqa.train.distributed import DistEnv, barrier, on_main
 from spanqa.train.evaluator import Evaluator
 from spanqa.train.metrics import StepMetrics, optimizer_metrics
 from spanqa.train.optim import plan
+from spanqa.train.output_dir import FINISHED, OutputDirLock, check_fresh_or_resumed
 from spanqa.train.progress import bar, setup_logging
 from spanqa.train.run_info import run_params
 from spanqa.train.run_log import RunLog, write_param_checksum
+from spanqa.train.signals import PreemptionFlag, requeue_slurm_job, slurm_job_to_requeue
 
 log = logging.getLogger("spanqa.train")
 PREEMPTION_CHECK_STEPS = 10  # ranks agree on a received signal at least this often (one tiny all-reduce)
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
 class TrainState:
-    """Where the loop is, and what it has found: all that a checkpoint restores besides the engine."""
+    """Where the loop is, and what it has found: all that a checkpoint restores besides the engine.
 
+    The position is saved in optimizer steps (`epoch_step`), not micro-batches: a run resumed with
+    another world size or accumulation continues at the same global batch."""
+
+    accumulation: int  # micro-batches per optimizer step (this run's, not saved)
     step: int = 0  # optimizer steps done
     epoch: int = 0
     micro_step: int = 0  # micro-batches of `epoch` done (accumulation boundaries: multiples of accum)
@@ -56,11 +62,13 @@ class TrainState:
     train_seconds: float = 0.0  # training wall time of the earlier processes of this run
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        state = {k: v for k, v in asdict(self).items() if k not in ("accumulation", "micro_step")}
+        return {**state, "epoch_step": self.micro_step // self.accumulation}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in ("step", "epoch", "best_metric", "best_step", "train_seconds"):
+            setattr(self, key, state[key])
+        self.micro_step = int(state["epoch_step"]) * self.accumulation
 
 
 class Trainer:
@@ -69,33 +77,50 @@ class Trainer:
 
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
-        setup_logging(env.rank)
+        setup_logging(env.rank, config.verbose)
         self.ds_config = ds_engine.resolve_config(config, env)
         self.data = setup_data(config, env)
         self.schedule = plan(config, self.data.steps_per_epoch, self.data.dev_store is not None)
         self.engine, self.scheduler = ds_engine.build_engine(config, self.ds_config, self.schedule, env)
         self.model = self.engine.module
         self.output_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
-        self.state = TrainState()
-        resume_from = ckpt.resolve_resume(config.resume, self.output_dir)
-        if resume_from is not None:
-            self.state.load_state_dict(ckpt.load(self.engine, resume_from, env.rank)["trainer"])
-            log.info(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch})")
+        self.lock = OutputDirLock(self.output_dir)
+        on_main(self._claim_output_dir, env)
+        self.state = TrainState(accumulation=config.gradient_accumulation_steps)
+        resumed = self._resume()
         tags = {"spanqa.tag": config.tag} if config.tag else None
         self.tracker = make_tracker(env.rank, self.output_dir, run_name=config.run_name, tags=tags)
         self.run_log = RunLog(self.output_dir, self.tracker, env.is_main)
-        if resume_from is not None:
+        if config.resume != "none":  # with no checkpoint yet (killed before the first), from step 0
             self.run_log.resume_at(self.state.step)
-        elif env.is_main:
+            self.tracker.backfill(self.run_log.history)
+        if resumed is None and env.is_main:
             self._log_start()
         self.evaluator = Evaluator(self.data, self.output_dir) if self.data.dev_store is not None else None
         barrier()  # every rank measures the peak at once (on a CPU they share the cores, as in training)
         peak = device_peak(env.device, ds_engine.compute_dtype(self.engine), repeats=3)
         self.metrics = StepMetrics(env, EncoderShape.from_config(self.model.config, config.head), peak)
+        self.metrics.restore_window((resumed or {}).get("metrics_window", {}))
         self._own_grad_norm = ds_engine.clips_without_norm(self.engine)
         self._grad_norm = None
         self._started: float | None = None
         self._log_plan()
+
+    def _resume(self) -> dict | None:
+        """Load the checkpoint --resume names (rank 0 picks and verifies it); its client state."""
+        path = on_main(lambda: ckpt.resolve_resume(self.config.resume, self.output_dir), self.env)
+        if path is None:
+            return None
+        on_main(lambda: ckpt.check_world_size(path, self.env.world_size), self.env)
+        client_state = ckpt.load(self.engine, path, self.env.rank)
+        self.state.load_state_dict(client_state["trainer"])
+        log.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+        return client_state
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0: this job's lock on the directory, and a fresh run never joining an old one."""
+        self.lock.acquire()
+        check_fresh_or_resumed(self.output_dir, self.config.resume, self.config.overwrite_output_dir)
 
     def _log_plan(self) -> None:
         s, config = self.schedule, self.config
@@ -121,6 +146,7 @@ class Trainer:
         """
         own_flag = preemption is None
         preemption = PreemptionFlag() if own_flag else preemption
+        preemption.arm()
         progress = bar(
             self.schedule.total_steps, "train", self.env.is_main, unit="step", initial=self.state.step
         )
@@ -155,7 +181,21 @@ class Trainer:
             if state.step not in schedule.eval_at:
                 self.save()
             return "stopped"
+        self._finish()
         return "finished"
+
+    def _finish(self) -> None:
+        """The run trained to its end: nothing is left to resume, so its checkpoints go (its best model
+        and eval files stay); `finished` says so to a later --resume auto."""
+        if self.env.is_main:
+            io.write_json(
+                self.output_dir / FINISHED, {"step": self.state.step, "train_seconds": self.train_seconds()}
+            )
+            removed = ckpt.remove_all(ckpt.checkpoint_root(self.output_dir))
+            if removed:
+                best = self.output_dir / "best_model"
+                log.info(f"finished: removed {len(removed)} checkpoint(s); the best model is in {best}")
+        barrier()
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward and (at an accumulation boundary) the optimizer step for one micro-batch.
@@ -202,7 +242,8 @@ class Trainer:
                 return "requeue" if requeues > 0 else "preempted"
         if step in self.schedule.eval_at:
             self.validate()
-            self.save()
+            if step < self.schedule.total_steps:  # the last step's checkpoint would go at once (_finish)
+                self.save()
         return "continue"
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -225,22 +266,22 @@ class Trainer:
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step = value, state.step
             if self.env.is_main:
-                self._export_best()
+                self._export_best(self.evaluator.model_threshold(scores))
         barrier()
         return scores
 
-    def _export_best(self) -> None:
+    def _export_best(self, threshold: float) -> None:
+        """The model as it is now, answering with `threshold` (the tuned one when it was tuned)."""
         config, out = self.config, self.output_dir / "best_model"
-        info = ExportInfo(
-            head=config.head,
-            windows=config.windows,
-            answers=config.answers,
-            base_model=config.model,
-            step=self.state.step,
-            metric={"name": config.eval_metric, "value": self.state.best_metric},
-        )
+        answers = config.answers
+        if answers.version_2_with_negative:
+            answers = dataclasses.replace(answers, null_score_diff_threshold=threshold)
+        finite = threshold if math.isfinite(threshold) else None  # v1.1: never "no answer"; JSON has no inf
+        metric = {"name": config.eval_metric, "value": self.state.best_metric, "null_threshold": finite}
+        info = ExportInfo(config.head, config.windows, answers, config.model, self.state.step, metric)
         export_model(self.model, self.data.tokenizer, out, info)
-        log.info(f"best {config.eval_metric} {self.state.best_metric:.2f}: exported to {out}")
+        best = f"best {config.eval_metric} {self.state.best_metric:.2f}"
+        log.info(f"{best}: exported to {out} (null threshold {finite})")
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -248,11 +289,17 @@ class Trainer:
         """Collective: a complete checkpoint of this step (see spanqa.train.checkpoint)."""
         client_state = {
             "trainer": {**self.state.state_dict(), "train_seconds": self.train_seconds()},
+            "metrics_window": self.metrics.window_state(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "world_size": self.env.world_size,
         }
         return ckpt.save(
-            self.engine, self.output_dir, self.state.step, client_state, self.env, KEEP_CHECKPOINTS
+            self.engine,
+            self.output_dir,
+            self.state.step,
+            client_state,
+            self.env,
+            self.config.keep_checkpoints,
         )
 
     def requeue(self) -> None:
