@@ -102,7 +102,7 @@ def claim_output_dir(output_dir: Path) -> None:
 
 
 def summary(output_dir: Path) -> str:
-    report_file = output_dir / "eval" / "eval_report.json"
+    report_file = output_dir / "best_model" / "eval" / "eval_report.json"  # the exported model's evaluation
     if not report_file.is_file():
         return f"demo: training stopped before its first evaluation; nothing to report in {report_file}"
     report = json.loads(report_file.read_text())

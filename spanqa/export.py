@@ -11,6 +11,7 @@ checkpoint as well.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from spanqa.eval.postprocess import AnswerSettings
 from spanqa.model import HEAD_NAMES
 
 SPANQA_CONFIG = "spanqa_config.json"
+EVAL_DIR = "eval"  # the scores, predictions and null odds of the evaluation that chose the model
 FORMAT_VERSION = 2
 
 
@@ -48,9 +50,12 @@ class ExportInfo:
         }
 
 
-def export_model(model: Any, tokenizer: Any, out_dir: str | Path, info: ExportInfo) -> Path:
+def export_model(
+    model: Any, tokenizer: Any, out_dir: str | Path, info: ExportInfo, evaluation: Path | None = None
+) -> Path:
     """Write `model` + `tokenizer` + spanqa_config.json to `out_dir`, atomically: an existing export
-    is replaced only once the new one is complete."""
+    is replaced only once the new one is complete. `evaluation`: a directory of eval files (the
+    evaluation that chose this model) to keep with it, as OUT/eval/."""
     from spanqa.model.build import save_pretrained
 
     if info.head != model.head_name:
@@ -59,6 +64,8 @@ def export_model(model: Any, tokenizer: Any, out_dir: str | Path, info: ExportIn
         save_pretrained(model, tmp)
         tokenizer.save_pretrained(str(tmp))
         io.write_json(tmp / SPANQA_CONFIG, info.as_json())
+        if evaluation is not None:
+            shutil.copytree(evaluation, tmp / EVAL_DIR)
     return Path(out_dir)
 
 

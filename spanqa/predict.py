@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from spanqa import io
-from spanqa.data.squad import walk_questions
+from spanqa.data.squad import has_text, walk_questions
 from spanqa.errors import SpanqaError
 from spanqa.export import ExportInfo
 
@@ -117,8 +117,8 @@ def _text(obj: dict, key: str, source: str, at: str) -> str:
     if not isinstance(value, str):
         found = "missing" if value is None else f"a {type(value).__name__}"
         raise SpanqaError(f"{source}: {at}.{key}: expected a string, found {found}")
-    if not value.strip():
-        raise SpanqaError(f"{source}: {at}.{key}: empty")
+    if not has_text(value):
+        raise SpanqaError(f"{source}: {at}.{key}: empty (no visible character)")
     return value
 
 
@@ -273,8 +273,8 @@ def questions_from_args(args: argparse.Namespace) -> list[Question]:
             raise SpanqaError("--input or --question/--context: nothing to answer")
         raise SpanqaError(f"{missing}: needed with {'--question' if missing == '--context' else '--context'}")
     for flag, value in (("--question", args.question), ("--context", args.context)):
-        if not value.strip():
-            raise SpanqaError(f"{flag}: empty")
+        if not has_text(value):
+            raise SpanqaError(f"{flag}: empty (no visible character)")
     return [Question("question", args.question, args.context)]
 
 

@@ -368,9 +368,9 @@ BAD_FILES = {
         doc_with(lambda d: d["data"][0]["paragraphs"][0].update(qas={})),
         "data[0].paragraphs[0].qas: must be a list, got an object",
     ),
-    "empty-context": (
-        doc_with(lambda d: d["data"][0]["paragraphs"][0].update(context="")),
-        "data[0].paragraphs[0].context: empty context",
+    "only-blank-contexts": (
+        doc_with(lambda d: [p.update(context="\u200b") for a in d["data"] for p in a["paragraphs"]]),
+        "data: no questions with a usable answer or is_impossible",
     ),
     "no-questions": ('{"version": "v2.0", "data": []}', "data: no questions"),
     "duplicate-id": (

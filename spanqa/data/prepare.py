@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spanqa import flags
+from spanqa.data import stats
 from spanqa.data.squad import load_squad
-from spanqa.data.store import FORMAT_VERSION, META, WindowStore, build_meta, write_store
+from spanqa.data.store import FORMAT_VERSION, META, STATS_DIR, WindowStore, build_meta, write_store
 from spanqa.data.windows import WindowSettings, build_windows, pair_template, tokenizer_fingerprint
 from spanqa.errors import SpanqaError
 from spanqa.io import load_tokenizer
@@ -49,6 +52,14 @@ def prepare(
     if existing is not None:
         _say(progress, summary(existing))
         return existing
+    build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted, progress)
+    store = WindowStore.open(out_dir)
+    _say(progress, summary(store))
+    return store
+
+
+def build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted, progress) -> None:
+    """Parse, validate and cut `data_file` into windows; write the store with its length statistics."""
     started = time.perf_counter()
     examples, report = load_squad(data_file)
     if not examples:
@@ -70,10 +81,13 @@ def prepare(
         validation=report,
     )
     meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
-    write_store(out_dir, arrays, examples, meta)
-    store = WindowStore.open(out_dir)
-    _say(progress, summary(store))
-    return store
+
+    def write_stats(store_dir: Path) -> None:  # inside the store: training logs them with the run
+        windows = np.bincount(arrays.example_index, minlength=len(examples))
+        raw = stats.distributions(examples, tokenizer, settings, windows)
+        stats.write(raw, data_file, store_dir / STATS_DIR)
+
+    write_store(out_dir, arrays, examples, meta, extra=write_stats)
 
 
 def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:
@@ -141,11 +155,13 @@ def summary(store: WindowStore) -> str:
         f"window store: {store.path}"
         + (" (reused: same source, tokenizer, settings and format)" if store.reused else ""),
         f"  questions {v['questions']:,} ({v['answerable']:,} answerable, {v['impossible']:,} unanswerable); "
-        f"{v['questions_dropped']:,} dropped (answerable, no valid answer): {c['examples']:,} examples",
+        f"{v['questions_dropped'] + v['blank_questions_dropped'] + v['blank_context_questions_dropped']:,} "
+        f"dropped: {c['examples']:,} examples",
         f"  windows {c['windows']:,} ({c['windows_with_answer']:,} hold their answer), "
         f"tokens {c['tokens']:,}",
         f"  answers {v['answers']:,}: {v['answers_repaired']:,} repaired, {v['answers_dropped']:,} dropped; "
-        f"questions dropped {v['questions_dropped']:,}",
+        f"blank questions dropped {v['blank_questions_dropped']:,}, questions of blank contexts dropped "
+        f"{v['blank_context_questions_dropped']:,}",
     ]
     lines += [f"  {issue}" for issue in v.get("issues", [])[:10]]
     if len(v.get("issues", [])) > 10:

@@ -10,6 +10,7 @@ drop is counted in the validation report, with its JSON path, so nothing is lost
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class ValidationReport:
     answers_repaired: int = 0
     answers_dropped: int = 0
     questions_dropped: int = 0  # answerable questions left without any valid answer
+    blank_questions_dropped: int = 0  # question text without a visible character
+    blank_context_questions_dropped: int = 0  # asked of a context without a visible character
     issues: list[str] | None = None  # the first MAX_REPORTED_ISSUES repairs/drops, with their JSON path
 
     def note(self, message: str) -> None:
@@ -106,8 +109,6 @@ def walk_questions(data: Any, source: str) -> Iterator[RawQuestion]:
             pat = f"{at}.paragraphs[{p}]"
             require(paragraph, dict, source, pat)
             context = json_field(paragraph, "context", str, source, pat)
-            if not context.strip():
-                raise SpanqaError(f"{source}: {pat}.context: empty context")
             for q, qa in enumerate(json_field(paragraph, "qas", list, source, pat)):
                 qat = f"{pat}.qas[{q}]"
                 require(qa, dict, source, qat)
@@ -120,6 +121,8 @@ def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport
     seen_ids: dict[str, str] = {}
     for raw in walk_questions(data, source):
         example = _parse_question(raw.qa, raw.title, raw.context, source, raw.at, report)
+        if example is None:
+            continue
         if example.id in seen_ids:
             raise SpanqaError(
                 f"{source}: {raw.at}.id: duplicate question id {example.id!r} "
@@ -131,14 +134,30 @@ def parse_squad(data: Any, source: str) -> tuple[list[Example], ValidationReport
     return examples, report
 
 
+def has_text(text: str) -> bool:
+    """Whether `text` has a visible character: not only white space, zero-width or control characters."""
+    return any(
+        not (ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp")) for ch in text
+    )
+
+
 def _parse_question(
     qa: dict, title: str, context: str, source: str, at: str, report: ValidationReport
-) -> Example:
+) -> Example | None:
+    """The question as an Example; None (counted in the report) when it or its context is blank."""
     qid = json_field(qa, "id", str, source, at)
     question = json_field(qa, "question", str, source, at)
     is_impossible = json_field(qa, "is_impossible", bool, source, at, default=False)
     raw_answers = json_field(qa, "answers", list, source, at, default=[])
     report.questions += 1
+    if not has_text(context):
+        report.blank_context_questions_dropped += 1
+        report.note(f"{source}: {at}: dropped: its context has no visible character")
+        return None
+    if not has_text(question):
+        report.blank_questions_dropped += 1
+        report.note(f"{source}: {at}.question: dropped: no visible character")
+        return None
     if is_impossible:
         # v2.0: unanswerable questions carry no training target; `plausible_answers` are ignored on purpose
         report.impossible += 1

@@ -45,6 +45,13 @@ def collect(source: Path, tokenizer_name: str | None, settings: WindowSettings) 
         tokenizer = load_tokenizer(tokenizer_name)
         arrays = build_windows(examples, tokenizer, settings)
         windows = np.bincount(arrays.example_index, minlength=len(examples))
+    return distributions(examples, tokenizer, settings, windows)
+
+
+def distributions(
+    examples: list[Example], tokenizer: Any, settings: WindowSettings, windows_per_example: np.ndarray
+) -> dict[str, Any]:
+    """The raw distributions (numpy arrays) of `examples` cut into windows as `windows_per_example` says."""
     contexts = list(dict.fromkeys(ex.context for ex in examples))
     return {
         "settings": settings,
@@ -53,7 +60,7 @@ def collect(source: Path, tokenizer_name: str | None, settings: WindowSettings) 
         "question_words": _word_counts([ex.question for ex in examples]),
         "context_tokens": _token_counts(tokenizer, contexts),
         "context_words": _word_counts(contexts),
-        "windows_per_example": windows,
+        "windows_per_example": np.asarray(windows_per_example),
     }
 
 
@@ -96,6 +103,15 @@ def report(raw: dict[str, Any], source: Path) -> dict[str, Any]:
         "examples_with_several_windows": int((raw["windows_per_example"] > 1).sum()),
         "distributions": {name: summarize(raw[name]) for name in names},
     }
+
+
+def write(raw: dict[str, Any], source: Path, out_dir: Path) -> dict[str, Any]:
+    """stats.json and the PNG histograms into `out_dir`; the report."""
+    result = report(raw, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(out_dir / "stats.json", result)
+    plot(raw, out_dir)
+    return result
 
 
 def plot(raw: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -155,11 +171,10 @@ def main(argv: list[str]) -> int:
     source, out_dir = Path(args.source), Path(args.out)
     if not source.exists():
         raise SpanqaError(f"{source}: no such file or window store")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpanqaError(f"--out: {out_dir} exists and is not a directory")
     raw = collect(source, args.tokenizer, flags.build_given(WindowSettings, args))
-    result = report(raw, source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    io.write_json(out_dir / "stats.json", result)
-    plot(raw, out_dir)
+    result = write(raw, source, out_dir)
     for name, d in result["distributions"].items():
         print(
             f"{name:<19} mean {d['mean']:>7.1f} p50 {d['p50']:>6.0f}  p99 {d['p99']:>6.0f}  max {d['max']:>6}"

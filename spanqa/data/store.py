@@ -36,6 +36,7 @@ from spanqa.io import atomic_dir, write_json
 FORMAT_VERSION = 3  # 2: no doc_offset array; 3: checksums, window settings with doc_stride/doc_overlap
 META = "meta.json"
 EXAMPLES = "examples.jsonl"
+STATS_DIR = "stats"  # stats.json and the length histograms of `spanqa stats`, made when the store is
 
 # dtype of each array on disk, except input_ids whose dtype depends on the vocabulary size
 DTYPES = {
@@ -259,8 +260,11 @@ def build_meta(arrays: WindowArrays, n_examples: int, **sections: Any) -> dict:
     return meta
 
 
-def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Example], meta: dict) -> Path:
+def write_store(
+    out_dir: str | Path, arrays: WindowArrays, examples: list[Example], meta: dict, extra=None
+) -> Path:
     """Write atomically: everything goes to a temporary sibling, which one rename turns into `out_dir`.
+    `extra(directory)` adds files of its own first (the length statistics).
 
     A store already at `out_dir` is replaced only after the new one is complete.
     """
@@ -270,6 +274,8 @@ def write_store(out_dir: str | Path, arrays: WindowArrays, examples: list[Exampl
         with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        if extra is not None:
+            extra(tmp)
         files = [f"{name}.npy" for name in WindowArrays.ARRAYS] + [EXAMPLES]
         meta = {**meta, "checksums": {name: io.file_crc32(tmp / name) for name in files}}
         write_json(tmp / META, meta)  # meta.json last: a directory without it is never taken for a store

@@ -27,13 +27,14 @@ import torch
 
 from spanqa import io
 from spanqa.config import TrainConfig
+from spanqa.data.store import STATS_DIR
 from spanqa.export import ExportInfo, export_model
 from spanqa.flops import EncoderShape, device_peak
 from spanqa.train import checkpoint as ckpt
 from spanqa.train import ds_engine
 from spanqa.train.data import setup_data
 from spanqa.train.distributed import DistEnv, barrier, on_main
-from spanqa.train.evaluator import Evaluator
+from spanqa.train.evaluator import EVAL_DIR, Evaluator
 from spanqa.train.metrics import StepMetrics, optimizer_metrics
 from spanqa.train.optim import plan
 from spanqa.train.output_dir import FINISHED, OutputDirLock, check_fresh_or_resumed
@@ -259,6 +260,9 @@ class Trainer:
         )
         self.engine.train()
         numeric = {k: float(v) for k, v in scores.items() if isinstance(v, int | float) and math.isfinite(v)}
+        # question counts describe the dev set, not the model: params (flat charts as metrics)
+        counts = {k: int(numeric.pop(k)) for k in list(numeric) if k.endswith("total")}
+        self.tracker.log_params({"dev": counts})
         self.run_log.record(
             state.step, {**numeric, "epoch": state.step / self.schedule.steps_per_epoch}, "eval"
         )
@@ -279,7 +283,7 @@ class Trainer:
         finite = threshold if math.isfinite(threshold) else None  # v1.1: never "no answer"; JSON has no inf
         metric = {"name": config.eval_metric, "value": self.state.best_metric, "null_threshold": finite}
         info = ExportInfo(config.head, config.windows, answers, config.model, self.state.step, metric)
-        export_model(self.model, self.data.tokenizer, out, info)
+        export_model(self.model, self.data.tokenizer, out, info, evaluation=self.output_dir / EVAL_DIR)
         best = f"best {config.eval_metric} {self.state.best_metric:.2f}"
         log.info(f"{best}: exported to {out} (null threshold {finite})")
 
@@ -318,6 +322,8 @@ class Trainer:
         for role, store in (("train", self.data.train_store), ("dev", self.data.dev_store)):
             if store is not None:
                 self.tracker.log_artifact(Path(store.path) / "meta.json", f"data/{role}")
+                if (Path(store.path) / STATS_DIR).is_dir():  # stats.json and the length histograms
+                    self.tracker.log_artifact(Path(store.path) / STATS_DIR, f"data/{role}/stats")
 
     def train_seconds(self) -> float:
         """Training wall time, summed over the processes a resumed run consisted of."""
