@@ -15,6 +15,7 @@ the next writer on the same host once that pid is gone. A temporary of another h
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -143,9 +144,12 @@ def write_json(path: str | Path, content: Any, indent: int | None = 2) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+def atomic_dir(out_dir: str | Path, take_theirs: bool = False) -> Iterator[Path]:
     """A fresh directory to fill; at the end of the block it replaces `out_dir` whole (an existing
-    one is swapped out only once the new one is complete). On an error nothing changes."""
+    one is swapped out only once the new one is complete). On an error nothing changes.
+
+    `take_theirs`: when another writer puts its `out_dir` in place while this one finishes, keep
+    theirs (for contents determined by their inputs, such as window stores) instead of failing."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out_dir)
@@ -156,6 +160,9 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         apply_umask(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, out_dir)
+    except OSError as err:
+        if not (take_theirs and err.errno in (errno.ENOTEMPTY, errno.EEXIST) and out_dir.is_dir()):
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

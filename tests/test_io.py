@@ -131,3 +131,29 @@ def test_read_text_of_a_missing_file_or_a_directory(tmp_path):
     with pytest.raises(SpanqaError, match="is a directory"):
         io.read_text(tmp_path, "data file")
     assert json.loads(io.write_json(tmp_path / "ok.json", {"é": 1}).read_text()) == {"é": 1}
+
+
+@pytest.mark.parametrize("take_theirs", [True, False])
+def test_two_writers_finishing_one_directory_at_once(tmp_path, monkeypatch, take_theirs):
+    """The other writer's directory appears between this writer's look and its rename (Errno 39 on
+    Linux): a window store takes theirs (same inputs, same store); anything else fails loudly."""
+    out = tmp_path / "store"
+    real_exists = Path.exists
+
+    def exists_but_not_yet(path):
+        if path == out:  # looked before the other writer's rename landed
+            return False
+        return real_exists(path)
+
+    with io.atomic_dir(out) as theirs:
+        (theirs / "who").write_text("theirs")
+    monkeypatch.setattr(Path, "exists", exists_but_not_yet)
+    if take_theirs:
+        with io.atomic_dir(out, take_theirs=True) as mine:
+            (mine / "who").write_text("mine")
+        assert (out / "who").read_text() == "theirs"
+    else:
+        with pytest.raises(OSError), io.atomic_dir(out) as mine:
+            (mine / "who").write_text("mine")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporary left either way

@@ -268,7 +268,7 @@ def write_store(
 
     A store already at `out_dir` is replaced only after the new one is complete.
     """
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, take_theirs=True) as tmp:  # two nodes preparing one shared store: either one
         for name in WindowArrays.ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(arrays, name).astype(meta["dtypes"][name], copy=False))
         with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:

@@ -78,11 +78,8 @@ def setup_data(config: TrainConfig, env: DistEnv) -> TrainData:
 
 
 def prepare_stores(config: TrainConfig, tokenizer: Any, env: DistEnv):
-    """(train store, dev store or None): --prepared DIR's, or the JSON files prepared into the cache.
-
-    Local rank 0 of each node prepares (the cache is per node), the others wait at a barrier and
-    then open the finished stores read-only.
-    """
+    """(train store, dev store or None): --prepared DIR's, or the JSON files prepared into the cache
+    (see `_prepared`); every rank then opens the finished stores read-only."""
     if config.prepared is None:
         train = _prepared(config, config.train_file, "train", tokenizer, env)
         dev = _prepared(config, config.dev_file, "dev", tokenizer, env) if config.dev_file else None
@@ -112,12 +109,18 @@ def cache_dir_for(config: TrainConfig, data_file: str) -> Path:
 
 
 def _prepared(config: TrainConfig, data_file: str, role: str, tokenizer: Any, env: DistEnv) -> WindowStore:
+    """The store of `data_file` in the cache: global rank 0 prepares it while every other rank waits
+    (on a cache shared by the nodes it is the only writer); then a node that does not see it (a cache
+    on a node's own disk) prepares its own copy on its local rank 0."""
     from spanqa.data.prepare import prepare
 
     out = cache_dir_for(config, data_file)
-    if env.is_local_main:
+    if env.is_main:
         log.info(f"{role}: window store {out}")
-        prepare(data_file, tokenizer, out, config.windows, progress=env.is_main)
+        prepare(data_file, tokenizer, out, config.windows, progress=True)
+    barrier()
+    if env.is_local_main and not env.is_main and not (out / "meta.json").is_file():
+        prepare(data_file, tokenizer, out, config.windows, progress=False)
     barrier()
     return WindowStore.open(out, read_examples=role == "dev")
 
