@@ -336,6 +336,10 @@ def write_json(path: Path, content) -> Path:
     return path
 
 
+# The steps between the install and the summary, in order (the environment always runs).
+STEPS = {"environment": environment, "pytest": pytest_gpu, "crf": crf, "throughput": throughput, "demo": demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the folder for the logs and JSON (at most eight files)")
@@ -343,7 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="on CPU with tiny sizes (SPANQA_GPU_CHECK_CPU=1)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (models, stores, runs)")
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        default=list(STEPS),
+        help=f"run only these steps (a rerun of failed ones), comma-separated from: {','.join(STEPS)}",
+    )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only) - set(STEPS))
+    if unknown:
+        parser.error(f"--only: no step {', '.join(unknown)} (the steps: {', '.join(STEPS)})")
     dry_run = args.dry_run or os.environ.get("SPANQA_GPU_CHECK_CPU") == "1"
     args.out.mkdir(parents=True, exist_ok=True)
     for name in (*OUT_FILES, "summary.json"):
@@ -351,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(args.out, dry_run, sys.executable)
     try:
         install(check)
-        for step in (environment, pytest_gpu, crf, throughput, demo):
+        for name, step in STEPS.items():
             if check.step("install").status in ("failed", "timed out"):
-                check.skip(step.__name__, "not run: the install of .wheels/ failed")
+                check.skip(name, "not run: the install of .wheels/ failed")
+            elif name not in args.only and name != "environment":
+                check.skip(name, "not asked for (--only)")
             else:
                 step(check)
         summary(check)

@@ -192,3 +192,9 @@ def test_the_cut_minilm_tokenizes_and_encodes_the_bundled_texts_as_the_full_one(
         ]
     mask = a["attention_mask"].bool()
     torch.testing.assert_close(hidden[1][mask], hidden[0][mask], rtol=0, atol=2e-2)  # fp16 weights
+
+
+def test_only_names_real_steps(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        check.main([str(tmp_path / "out"), "--only", "pytest,bogus"])
+    assert stop.value.code == 2 and "--only: no step bogus" in capsys.readouterr().err
