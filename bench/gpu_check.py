@@ -87,10 +87,12 @@ class Check:
         )
 
     def left(self, name: str) -> float:
-        """Seconds this step may run: its cap, within the deadline (less the summary's reserve)."""
+        """Seconds this step may still run: what its cap leaves after its earlier commands, within the
+        deadline (less the summary's reserve)."""
         reserve = 0 if name == "summary" else SUMMARY_RESERVE_S
         until_deadline = DEADLINE_S - (time.monotonic() - self.started) - reserve
-        return min(CAPS[name][1 if self.dry_run else 0], until_deadline)
+        spent = self.steps[name].seconds if name in self.steps else 0.0
+        return min(CAPS[name][1 if self.dry_run else 0] - spent, until_deadline)
 
     def step(self, name: str) -> Step:
         return self.steps.setdefault(name, Step(name))

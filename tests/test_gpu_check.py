@@ -85,6 +85,8 @@ def test_steps_share_the_deadline(tmp_path):
     run = check.Check(tmp_path, dry_run=False, python=sys.executable)
     run.scratch.rmdir()  # made empty; this test runs nothing there
     assert run.left("pytest") == check.CAPS["pytest"][0]
+    run.step("pytest").seconds = 100.0  # its earlier commands took 100 s of its cap
+    assert run.left("pytest") == check.CAPS["pytest"][0] - 100
     run.started -= check.DEADLINE_S - 10  # ten seconds before the deadline
     assert run.left("summary") <= 10 and run.left("demo") < 0
     assert run.run("demo", ["true"], tmp_path / "demo.log") is False
