@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -48,3 +48,12 @@ bench: install
 	  $(BIN)/python bench/throughput.py --model_config minilm --head $$head --steps 20 --warmup 5 && \
 	  $(BIN)/python bench/throughput.py --model_config spanbert-base --head $$head --steps 8 --warmup 2 || exit 1; \
 	done
+
+# The GPU check (README, "Proof on a GPU"). gpu-wheels, where pip reaches the index: .wheels/ holds
+# every wheel the check needs beyond the CUDA image, and the demo's MiniLM cut to travel (under 60 MB).
+# gpu-check, on the GPU machine, with the image's python3: OUT gets the logs and summary.json.
+OUT ?= gpu-check
+gpu-wheels: install
+	$(BIN)/python bench/gpu_wheels.py --out .wheels
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)

@@ -1,16 +1,19 @@
 """spanqa's CRF against pytorch-crf, same parameters and inputs: log-likelihood forward+backward and
-Viterbi decode, median wall time, on CPU (and CUDA with the fused Triton kernel when present).
+Viterbi decode, median wall time, on CPU and on CUDA (where spanqa runs its fused Triton kernels, and
+its torch scan is timed beside them).
 
     .venv/bin/python bench/crf.py            # table
     .venv/bin/python bench/crf.py --json     # table, then one line of JSON
     .venv/bin/python bench/crf.py --threads 1   # one CPU thread (steadier on a shared machine)
+    .venv/bin/python bench/crf.py --device cuda --json   # the GPU rows only (bench/gpu_check.sh)
 
 Each figure is the median over rounds of a call made right after a call of the same function (the
-steady state a loop over batches runs in); the rounds alternate the two libraries, so that both see
-the same machine load. The call right after the other library's is timed too and printed as
-"after the other": pytorch-crf's decode leaves the CPU's caches and the memory allocator cold for the
-next call, which costs spanqa's few-millisecond calls a large share (a 1.6 ms decode takes 2.1 ms
-there) and pytorch-crf's tens of milliseconds almost nothing.
+steady state a loop over batches runs in); the rounds rotate the libraries, so that all see the same
+machine load. The call right after another library's is timed too and printed as "after the other":
+pytorch-crf's decode leaves the CPU's caches and the memory allocator cold for the next call, which
+costs spanqa's few-millisecond calls a large share (a 1.6 ms decode takes 2.1 ms there) and
+pytorch-crf's tens of milliseconds almost nothing. On CUDA each row also counts the kernels one call
+launches (the torch profiler).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torchcrf
 
-from spanqa.model.crf import CRF
+from spanqa.model.crf import CRF, torch_scan_only
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,11 @@ class Medians:
     after_other: float
 
 
-def paired_medians_ms(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[Medians, Medians]:
-    """Medians of two functions timed in alternating rounds (the bench machine is shared: a ratio of
+def interleaved_medians_ms(fns: list, repeats: int, device: torch.device) -> list[Medians]:
+    """Medians of functions timed in rotating rounds (the bench machine is shared: a ratio of
     interleaved medians is the robust figure); in a round each runs twice, and the second call is
-    the steady-state figure, the first the one after the other function. Which one goes first
-    alternates."""
+    the steady-state figure, the first the one after another function. Which one goes first rotates
+    (with two functions: alternates)."""
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -80,22 +83,33 @@ def paired_medians_ms(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[M
         return time.perf_counter() - start
 
     for _ in range(2):  # warm-up (allocator, and Triton compilation)
-        fn_a(), fn_b()
-    times = {fn_a: ([], []), fn_b: ([], [])}
+        for fn in fns:
+            fn()
+    times = [([], []) for _ in fns]
     gc.collect()
     gc.disable()  # as timeit does: a collection would land in whichever call happens to run then
     try:
         for i in range(repeats):
-            for fn in (fn_b, fn_a) if i % 2 else (fn_a, fn_b):
-                after_other, steady = times[fn]
-                after_other.append(timed(fn))
-                steady.append(timed(fn))
+            for j in [(i + k) % len(fns) for k in range(len(fns))]:
+                after_other, steady = times[j]
+                after_other.append(timed(fns[j]))
+                steady.append(timed(fns[j]))
     finally:
         gc.enable()
-    return tuple(
+    return [
         Medians(steady=statistics.median(steady) * 1e3, after_other=statistics.median(after_other) * 1e3)
-        for after_other, steady in (times[fn_a], times[fn_b])
-    )
+        for after_other, steady in times
+    ]
+
+
+def on_torch_scan(fn):
+    """fn with spanqa's CRF on its torch scan (on CUDA tensors it would take the Triton kernels)."""
+
+    def run():
+        with torch_scan_only():
+            return fn()
+
+    return run
 
 
 def fwd_bwd(crf, emissions, tags, mask):
@@ -107,7 +121,7 @@ def fwd_bwd(crf, emissions, tags, mask):
 
 
 def count_launches(fn) -> int:
-    """CUDA kernels launched by one call of fn, from the torch profiler."""
+    """CUDA kernels launched by one call of fn, from the torch profiler (copies and memsets left out)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -115,48 +129,68 @@ def count_launches(fn) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(1 for e in kernels if not e.name.lower().startswith(("memcpy", "memset")))
 
 
 def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
+    """One row: pytorch-crf ("ref") and spanqa ("ours": the Triton kernels on CUDA, the torch scan on
+    CPU); on CUDA also spanqa's torch scan ("scan") and the kernel launches of each call."""
     torch.manual_seed(0)
     ref = torchcrf.CRF(case.num_tags, batch_first=True).to(device)
     ours = CRF(case.num_tags).to(device)
     ours.load_state_dict(ref.state_dict())
     emissions, tags, mask = make_inputs(case, device)
     row = {"case": case.name, "device": device.type}
-    pairs = {
-        "fwd_bwd": (fwd_bwd(ref, emissions, tags, mask), fwd_bwd(ours, emissions, tags, mask)),
-        "viterbi": (lambda: ref.decode(emissions, mask), lambda: ours.decode(emissions, mask)),
-    }
-    for name, (ref_fn, ours_fn) in pairs.items():
-        ref_ms, ours_ms = paired_medians_ms(ref_fn, ours_fn, repeats, device)
-        row[f"ref_{name}_ms"], row[f"{name}_ms"] = ref_ms.steady, ours_ms.steady
-        row[f"{name}_speedup"] = ref_ms.steady / ours_ms.steady
-        row[f"ref_{name}_ms_after_other"] = ref_ms.after_other
-        row[f"{name}_ms_after_other"] = ours_ms.after_other
-        row[f"{name}_speedup_after_other"] = ref_ms.after_other / ours_ms.after_other
-    if device.type == "cuda":
-        row["ref_launches_fwd_bwd"] = count_launches(fwd_bwd(ref, emissions, tags, mask))
-        row["launches_fwd_bwd"] = count_launches(fwd_bwd(ours, emissions, tags, mask))
+    for name, fns in contenders(ref, ours, emissions, tags, mask, device.type == "cuda").items():
+        medians = dict(zip(fns, interleaved_medians_ms(list(fns.values()), repeats, device), strict=True))
+        for who, m in medians.items():
+            prefix = "" if who == "ours" else f"{who}_"
+            row[f"{prefix}{name}_ms"], row[f"{prefix}{name}_ms_after_other"] = m.steady, m.after_other
+        row[f"{name}_speedup"] = medians["ref"].steady / medians["ours"].steady
+        row[f"{name}_speedup_after_other"] = medians["ref"].after_other / medians["ours"].after_other
+        if "scan" in medians:
+            row[f"{name}_speedup_vs_scan"] = medians["scan"].steady / medians["ours"].steady
+        if device.type == "cuda":
+            for who, fn in fns.items():
+                row[f"{'' if who == 'ours' else who + '_'}launches_{name}"] = count_launches(fn)
     return row
+
+
+def contenders(ref, ours, emissions, tags, mask, with_scan: bool) -> dict[str, dict]:
+    """{"fwd_bwd" | "viterbi": {"ref" | "ours" | "scan": a call}}."""
+    calls = {
+        "fwd_bwd": {"ref": fwd_bwd(ref, emissions, tags, mask), "ours": fwd_bwd(ours, emissions, tags, mask)},
+        "viterbi": {"ref": lambda: ref.decode(emissions, mask), "ours": lambda: ours.decode(emissions, mask)},
+    }
+    if with_scan:
+        for fns in calls.values():
+            fns["scan"] = on_torch_scan(fns["ours"])
+    return calls
 
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<16} {'dev':<5} {'ref f+b ms':>10} {'ours f+b':>9} {'x':>6} "
-        f"{'ref vit ms':>10} {'ours vit':>9} {'x':>6} {'launches ref/ours':>18}"
+        f"{'case':<16} {'dev':<5} {'ref f+b ms':>10} {'scan f+b':>9} {'ours f+b':>9} {'x':>6} "
+        f"{'ref vit ms':>10} {'scan vit':>9} {'ours vit':>9} {'x':>6} {'f+b launches ref/scan/ours':>28}"
         "   after the other: f+b x, vit x"
     )
     print(header)
     for r in rows:
-        launches = f"{r['ref_launches_fwd_bwd']}/{r['launches_fwd_bwd']}" if "launches_fwd_bwd" in r else "-"
+        scan_fb, scan_vit = (
+            f"{r[k]:>9.2f}" if k in r else f"{'-':>9}" for k in ("scan_fwd_bwd_ms", "scan_viterbi_ms")
+        )
+        launches = "/".join(
+            str(r.get(k, "-")) for k in ("ref_launches_fwd_bwd", "scan_launches_fwd_bwd", "launches_fwd_bwd")
+        )
         print(
-            f"{r['case']:<16} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {r['fwd_bwd_ms']:>9.2f} "
-            f"{r['fwd_bwd_speedup']:>6.1f} {r['ref_viterbi_ms']:>10.2f} {r['viterbi_ms']:>9.2f} "
-            f"{r['viterbi_speedup']:>6.1f} {launches:>18}   "
+            f"{r['case']:<16} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {scan_fb} {r['fwd_bwd_ms']:>9.2f}"
+            " "
+            f"{r['fwd_bwd_speedup']:>6.1f} {r['ref_viterbi_ms']:>10.2f} {scan_vit} {r['viterbi_ms']:>9.2f} "
+            f"{r['viterbi_speedup']:>6.1f} {launches:>28}   "
             f"{r['fwd_bwd_speedup_after_other']:.1f}, {r['viterbi_speedup_after_other']:.1f}"
         )
+    print("x: pytorch-crf's time over spanqa's (ours: the Triton kernels on CUDA, the torch scan on CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,22 +198,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="default: the CPU, and CUDA if present",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    wanted = ("cpu", "cuda") if args.device == "all" else (args.device,)
+    devices = [torch.device(d) for d in wanted if d == "cpu" or torch.cuda.is_available()]
     # both libraries run in this process with these threads; the load says how busy the machine was
     threads, load_before = torch.get_num_threads(), os.getloadavg()
     print(
         f"torch {torch.__version__}, {threads} torch CPU threads (of {os.cpu_count()} CPUs), "
-        f"load average {load_before[0]:.2f}, {args.repeats} alternating rounds, median of steady-state calls"
+        f"load average {load_before[0]:.2f}, {args.repeats} rotating rounds, median of steady-state calls"
     )
     rows = [bench_case(case, device, args.repeats) for device in devices for case in CASES]
     print_table(rows)
     load_after = os.getloadavg()
     main_row = rows[0]
     goal_met = main_row["fwd_bwd_speedup"] >= GOAL and main_row["viterbi_speedup"] >= GOAL
-    print(f"main case {main_row['case']}: goal (both speedups >= {GOAL}) {'met' if goal_met else 'NOT met'}")
+    verdict = "met" if goal_met else "NOT met"
+    print(f"main case {main_row['case']} on {main_row['device']}: goal (both speedups >= {GOAL}) {verdict}")
     if args.json:
         summary = {
             "fwd_bwd_speedup": main_row["fwd_bwd_speedup"],

