@@ -224,7 +224,7 @@ def prepare_stores(check: Check) -> dict[str, Path] | None:
         out = check.scratch / "stores" / f"sample-{length}"
         command = [check.python, "-m", "spanqa.cli", "prepare", "--data_file", str(SAMPLE_TRAIN)]
         command += ["--tokenizer", tokenizer, "--out", str(out), "--max_seq_length", length]
-        command += ["--doc_stride", "128", "--no_progress"]
+        command += ["--doc_overlap", "128", "--no_progress"]
         if not check.run("throughput", command, check.out / "throughput.log"):
             return None
         stores[length] = out
@@ -262,8 +262,8 @@ def demo(check: Check) -> None:
 
 def demo_command(check: Check, out: Path, extra: list[str]) -> list[str] | None:
     code = (
-        "import json, sys; from pathlib import Path; from spanqa.demo import launcher_command; "
-        "print(json.dumps(launcher_command(Path(sys.argv[1]), sys.argv[2:])))"
+        "import json, sys; from pathlib import Path; from spanqa import demo; "
+        "print(json.dumps(demo.launcher_command(demo.training_flags(Path(sys.argv[1]), sys.argv[2:]))))"
     )
     done = subprocess.run(
         [check.python, "-c", code, str(out), *extra], capture_output=True, text=True, env=check.env, cwd=REPO
