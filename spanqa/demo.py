@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,11 +81,20 @@ def training_flags(output_dir: Path, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now: the ranks' rendezvous must not collide with another job's
+    (the launcher's default, 29500, is every deepspeed job's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher_command(flags: list[str]) -> list[str]:
     """The deepspeed launcher (as a module of this Python, its own lines only for errors) running
     `python -m spanqa.train`."""
     runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "error"]
-    return [*runner, "--num_gpus", str(process_count()), "--module", "spanqa.train", *flags]
+    ranks = ["--num_gpus", str(process_count()), "--master_port", str(free_port())]
+    return [*runner, *ranks, "--module", "spanqa.train", *flags]
 
 
 def claim_output_dir(output_dir: Path) -> None:
@@ -129,10 +139,10 @@ def summary(output_dir: Path) -> str:
 def figure_table(report: dict) -> list[str]:
     """EM, F1, HasAns F1 and NoAns F1 at threshold 0 and (when it was tuned) at the tuned threshold."""
     tuned = "tuned_threshold" in report
-    rows = [
-        f"  {'':<11} {'threshold 0':>12}"
-        + (f" {'tuned ' + format(report['tuned_threshold'], '.3f'):>14}" * tuned)
-    ]
+    header = f"  {'':<11} {'threshold 0':>12}"
+    if tuned:
+        header += f" {'tuned ' + format(report['tuned_threshold'], '.3f'):>14}"
+    rows = [header]
     for name in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
         if name in report:
             row = f"  {name:<11} {report[name]:12.2f}"
