@@ -202,9 +202,9 @@ def test_tracker_keeps_going_when_the_server_dies(server, tmp_path, monkeypatch,
     tracker = make_tracker(0, out, run_name="outage", tags={"spanqa.tag": "server-test"})
     tracker.log_params({"config": {"head": "span", "lr": 3e-5}})
     tracker.log_metrics({"loss": 1.0}, step=1)
-    assert tracker.flush()
     (out / "report.json").write_text("{}")
     tracker.log_artifact(out / "report.json", "eval")
+    assert tracker.flush()  # all of it sent (the artifact too: the sender is a thread) before the outage
 
     server.kill()
     tracker.retry_interval_s = 0.0  # try the dead server on every flush: each try must fail fast
