@@ -138,6 +138,35 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def writing(flag: str, target: str | Path) -> Iterator[None]:
+    """An OSError inside the block (no space, a read-only file system, a file where a directory must
+    be) becomes one line naming `flag`, the path and the reason."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or target
+        raise SpanqaError(f"{flag}: cannot write {where}: {err.strerror or first_line(err)}") from None
+
+
+def check_writable_dir(directory: str | Path, flag: str) -> None:
+    """Fail before long work when `directory` could not be made and written: its nearest existing
+    ancestor must be a directory that takes a file (tried with a probe; nothing is left behind)."""
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpanqaError(f"{flag}: {directory}: {existing} is a file, not a directory")
+    probe = temporary_name(existing / "write-probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        where = "" if existing == directory else f" ({existing}, where it would be made)"
+        raise SpanqaError(f"{flag}: cannot write {directory}{where}: {err.strerror}") from None
+
+
 def write_json(path: str | Path, content: Any, indent: int | None = 2) -> Path:
     """Strict JSON (NaN and infinity refused: other readers cannot parse them), UTF-8 kept as is."""
     return write_text(path, json.dumps(content, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
@@ -226,14 +255,47 @@ def looks_like_local_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection, unless HF_HUB_OFFLINE is set."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_name(name: str, flag: str) -> None:
+    """A hub name that is neither in the local cache nor reachable fails at once (transformers would
+    retry for a minute before its own error), saying how to pass a local directory."""
+    from huggingface_hub import try_to_load_from_cache
+
+    files = ("config.json", "tokenizer_config.json")
+    cached = any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+    if cached or hub_reachable():
+        return
+    raise SpanqaError(
+        f"{flag}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached: give the "
+        "path of a local model directory instead (one written by save_pretrained, e.g. ./spanbert-base-cased)"
+    )
+
+
 def load_tokenizer(name_or_path: str | Path, flag: str = "--tokenizer") -> Any:
     """A fast (Rust) Hugging Face tokenizer; SpanqaError naming `flag` when it cannot be loaded or is
     not fast (character offsets need the tokenizer.json backend)."""
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    if looks_like_local_path(name) and not Path(name).expanduser().is_dir():
+    local = looks_like_local_path(name)
+    if local and not Path(name).expanduser().is_dir():
         raise SpanqaError(f"{flag}: {name}: no such directory")
+    if not local:
+        check_hub_name(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # transformers raises OSError, ValueError, hub errors, ...

@@ -283,6 +283,7 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise SpanqaError(f"--batch_size: must be a positive integer, got {args.batch_size}")
     questions = questions_from_args(args)
+    device = checked_device(args.device)
     from transformers.utils import logging as transformers_logging
 
     from spanqa.export import load_export
@@ -292,7 +293,6 @@ def main(argv: list[str]) -> int:
     if args.null_threshold is not None:
         answers = dataclasses.replace(info.answers, null_score_diff_threshold=args.null_threshold)
         info = dataclasses.replace(info, answers=answers)
-    device = args.device or _default_device()
     predictions = predict(
         model, tokenizer, questions, info, args.batch_size, device, progress=args.input is not None
     )
@@ -310,17 +310,20 @@ def write_outputs(predictions: dict[str, Prediction], args: argparse.Namespace) 
     out = Path(args.output or "predictions.json")
     odds_path = Path(args.null_odds) if args.null_odds else out.with_name("null_odds.json")
     odds = {qid: math.inf if p.null_odds is None else p.null_odds for qid, p in predictions.items()}
-    files = {out: {qid: p.answer for qid, p in predictions.items()}, odds_path: finite_odds(odds)}
+    files = {
+        out: ("--output", {qid: p.answer for qid, p in predictions.items()}),
+        odds_path: ("--null_odds", finite_odds(odds)),
+    }
     if args.details:
-        files[Path(args.details)] = {
-            qid: {**p.as_json(), "windows": p.windows} for qid, p in predictions.items()
-        }
-    for path in files:
+        details = {qid: {**p.as_json(), "windows": p.windows} for qid, p in predictions.items()}
+        files[Path(args.details)] = ("--details", details)
+    for path, (flag, _) in files.items():
         if path.is_dir():
-            raise SpanqaError(f"{path}: is a directory; give a file name")
-    for path, content in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        io.write_json(path, content)
+            raise SpanqaError(f"{flag}: {path} is a directory; give a file name")
+    for path, (flag, content) in files.items():
+        with io.writing(flag, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            io.write_json(path, content)
     answered = sum(1 for p in predictions.values() if p.answer)
     windows = sum(p.windows for p in predictions.values())
     print(
@@ -330,7 +333,21 @@ def write_outputs(predictions: dict[str, Prediction], args: argparse.Namespace) 
     )
 
 
-def _default_device() -> str:
+def checked_device(name: str | None) -> str:
+    """--device as torch reads it (default: cuda when there is a GPU, else cpu), refused in one line
+    when torch does not know it or this machine lacks it."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SpanqaError(f"--device: {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpanqaError(f"--device: {name!r}, but this machine has no CUDA device (give --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SpanqaError(
+            f"--device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return name

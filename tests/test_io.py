@@ -157,3 +157,12 @@ def test_two_writers_finishing_one_directory_at_once(tmp_path, monkeypatch, take
             (mine / "who").write_text("mine")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporary left either way
+
+
+def test_an_uncached_hub_name_offline_fails_at_once_naming_the_flag(tmp_path, monkeypatch):
+    # transformers alone would retry the hub for about a minute before failing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(SpanqaError, match=r"^--model: 'SpanBERT/spanbert-base-cased' is not in the local"):
+        io.check_hub_name("SpanBERT/spanbert-base-cased", "--model")
+    assert not io.hub_reachable()

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from spanqa import flags
+from spanqa import flags, io
 from spanqa.data import stats
 from spanqa.data.squad import load_squad
 from spanqa.data.store import FORMAT_VERSION, META, STATS_DIR, WindowStore, build_meta, write_store
 from spanqa.data.windows import WindowSettings, build_windows, pair_template, tokenizer_fingerprint
 from spanqa.errors import SpanqaError
-from spanqa.io import load_tokenizer
 
 
 def prepare(
@@ -29,6 +28,7 @@ def prepare(
     out_dir: str | Path,
     settings: WindowSettings = WindowSettings(),  # noqa: B008 - frozen, so one shared default is safe
     progress: bool = True,
+    out_flag: str = "--out",
 ) -> WindowStore:
     """Build (or reuse) the window store of `data_file` at `out_dir`.
 
@@ -37,6 +37,7 @@ def prepare(
     settings and format version; otherwise it is rebuilt and replaced atomically. With `progress`,
     shows progress bars and prints the summary (counts, repairs, drops) to stderr at the end.
     In data-parallel jobs call it on one rank and let the others wait, then open the store.
+    `out_flag` names `out_dir` in errors (training prepares into --cache_dir).
     """
     data_file, out_dir = Path(data_file), Path(out_dir)
     tokenizer, tokenizer_name = _as_tokenizer(tokenizer)
@@ -47,12 +48,14 @@ def prepare(
         "settings": settings.as_dict(),
         "source_sha256": file_sha256(data_file),
     }
-    _refuse_foreign_dir(out_dir)
+    _refuse_foreign_dir(out_dir, out_flag)
     existing = reusable_store(out_dir, wanted)
     if existing is not None:
         _say(progress, summary(existing))
         return existing
-    build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted, progress)
+    io.check_writable_dir(out_dir, out_flag)  # before minutes of tokenizing, not after
+    with io.writing(out_flag, out_dir):
+        build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted, progress)
     store = WindowStore.open(out_dir)
     _say(progress, summary(store))
     return store
@@ -126,7 +129,7 @@ def file_sha256(path: Path) -> str:
 
 def _as_tokenizer(tokenizer: Any) -> tuple[Any, str]:
     if isinstance(tokenizer, (str, Path)):
-        return load_tokenizer(tokenizer), str(tokenizer)
+        return io.load_tokenizer(tokenizer), str(tokenizer)
     name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
     if not getattr(tokenizer, "is_fast", False):
         raise SpanqaError(
@@ -135,12 +138,12 @@ def _as_tokenizer(tokenizer: Any) -> tuple[Any, str]:
     return tokenizer, name
 
 
-def _refuse_foreign_dir(out_dir: Path) -> None:
+def _refuse_foreign_dir(out_dir: Path, flag: str) -> None:
     # never replace a directory that is not a window store: it may hold the user's other files
     if out_dir.exists() and not out_dir.is_dir():
-        raise SpanqaError(f"--out: {out_dir} exists and is not a directory")
+        raise SpanqaError(f"{flag}: {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
-        raise SpanqaError(f"--out: {out_dir} exists, is not empty and is not a window store")
+        raise SpanqaError(f"{flag}: {out_dir} exists, is not empty and is not a window store")
 
 
 def _say(progress: bool, message: str) -> None:

@@ -267,6 +267,8 @@ def validate_null_odds(null_odds: Any, source: str = "null odds") -> dict[str, f
     for qid, value in null_odds.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpanqaError(f"{source}: $[{json.dumps(qid)}]: expected a number, got {_kind(value)}")
+        if value != value:  # NaN orders with nothing: the best-threshold search would silently go wrong
+            raise SpanqaError(f"{source}: $[{json.dumps(qid)}]: NaN is not a score (give a number)")
     return null_odds
 
 

@@ -153,7 +153,12 @@ def make_client(tracking_uri: str | None) -> tuple[Any, str]:
     with bounded_http():
         from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=uri), uri
+        try:
+            return MlflowClient(tracking_uri=uri), uri
+        except Exception as err:  # an unknown scheme: MlflowException, or KeyError from the registry
+            raise SpanqaError(
+                f"--tracking_uri: {uri!r} is not an MLflow store MLflow can open ({one_line(err)})"
+            ) from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
