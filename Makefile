@@ -12,12 +12,19 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install -q '$(TORCH_SPEC)'
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $@
+	@test -x $(BIN)/python || { echo "make install: creating the virtual environment $(VENV)"; $(PY) -m venv $(VENV); }
+	@$(BIN)/python -c 'import torch' 2>/dev/null || { \
+	  echo "make install: installing $(TORCH_SPEC) first (the CPU build on a machine without a GPU)"; \
+	  $(BIN)/pip install -q --progress-bar off '$(TORCH_SPEC)'; }
+	@echo "make install: installing spanqa and its dependencies (deepspeed, transformers, mlflow, ...; a few minutes)"
+	@$(BIN)/pip install -q --progress-bar off -e '.[dev]'
+	@touch $@
+	@echo "make install: done ($(VENV))"
 
+# The SLURM tier needs a cluster: tests/setup_slurm.sh installs Debian's slurm and munge when it runs
+# as root with apt, and otherwise says in one line why those tests will be skipped.
 test: install
+	@bash tests/setup_slurm.sh
 	$(BIN)/python -m pytest
 
 test-fast: install
