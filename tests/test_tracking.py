@@ -79,6 +79,9 @@ def test_params_metrics_tags_artifacts_read_back(tracking_env, tmp_path):
     assert run.data.params["optim.lr"] == "3e-05"
     assert run.data.params["optim.betas"] == "[0.9, 0.999]"
     assert run.data.tags["spanqa.tag"] == "cmp1"
+    # MLflow 3's UI opens an experiment of this kind on its training runs (not on "GenAI traces")
+    experiment = mlflow_client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     history = mlflow_client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(s, 5.0 / s) for s in range(1, 6)]
     assert run.data.metrics["f1"] == 64.25

@@ -79,6 +79,22 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_that_verifies(tmp_pa
         ckpt.resolve_resume(str(newest), tmp_path)
 
 
+def test_when_no_checkpoint_verifies_resume_auto_refuses_instead_of_starting_over(tmp_path):
+    root = tmp_path / "checkpoints"
+    only = fake_checkpoint(root, 10)
+    (only / "complete").write_text("junk")
+    with pytest.raises(SpanqaError, match=r"--resume auto: none of the 1 checkpoint\(s\) .* is intact"):
+        ckpt.resolve_resume("auto", tmp_path)
+
+
+def test_a_checkpoint_resumes_only_with_the_head_it_was_trained_with(tmp_path):
+    path = fake_checkpoint(tmp_path, 10)
+    ckpt.mark_complete(path, {"step": 10, "head": "span"})
+    ckpt.check_same_head(path, "span")
+    with pytest.raises(SpanqaError, match="--head crf: .* was trained with --head span"):
+        ckpt.check_same_head(path, "crf")
+
+
 def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):
     """A pickle that calls a function on load (here: os.system) is refused by the weights-only loader."""
     import pickle

@@ -21,6 +21,23 @@ from spanqa.model.heads import HEADS
 CRF_HEAD_FILE = "crf_head.safetensors"
 
 
+# Encoders whose position ids start after the padding index (RoBERTa's offset): fewer usable positions.
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer")
+
+
+def encoder_positions(name_or_path: str) -> int | None:
+    """How many tokens the encoder's position embeddings take (None: no such limit in its config)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if config.model_type in POSITION_OFFSET_TYPES:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
 class QAModel(nn.Module):
     """Encoder + answer head. `forward` takes a collated batch (minus `window_index`) and returns fp32
     outputs: "start_logits"/"end_logits" [B, L] (span) or "emissions" [B, L, 3] (crf), and "loss" when

@@ -26,7 +26,7 @@ import torch
 
 from spanqa import io
 from spanqa.errors import SpanqaError
-from spanqa.train.distributed import DistEnv, barrier
+from spanqa.train.distributed import DistEnv, barrier, on_every_rank
 
 log = logging.getLogger("spanqa.train")
 CHECKPOINTS = "checkpoints"
@@ -94,12 +94,22 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def latest_verified(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is named with the reason."""
-    for path in reversed(checkpoints(root)):
+    """The newest checkpoint that verifies (each newer one that does not is named with the reason);
+    None when there is none at all. When there are checkpoints and none verifies, SpanqaError: starting
+    over silently would throw away the run."""
+    found = checkpoints(root)
+    problems = []
+    for path in reversed(found):
         problem = verify(path)
         if problem is None:
             return path
         log.warning(f"--resume auto: passing over {path.name}: {problem}")
+        problems.append(problem)
+    if problems:
+        raise SpanqaError(
+            f"--resume auto: none of the {len(found)} checkpoint(s) in {root} is intact (newest: "
+            f"{problems[0]}); start over with --overwrite_output_dir, or resume from a copy you trust"
+        )
     return None
 
 
@@ -113,6 +123,16 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if problem is not None:
         raise SpanqaError(f"--resume: {problem}")
     return Path(resume)
+
+
+def check_same_head(path: Path, head: str) -> None:
+    """A checkpoint holds one head's weights: another --head cannot load them."""
+    saved = json.loads((path / COMPLETE).read_text()).get("head")
+    if saved is not None and saved != head:
+        raise SpanqaError(
+            f"--head {head}: the checkpoint {path} was trained with --head {saved}; resume it with "
+            f"--head {saved}, or train the {head} head in another --output_dir"
+        )
 
 
 def check_world_size(path: Path, world_size: int) -> None:
@@ -241,15 +261,31 @@ def safe_checkpoint_engine(engine):
 # ---- saving and loading a whole checkpoint --------------------------------------------------------
 
 
-def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int) -> Path:
+def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int, head: str) -> Path:
     """Collective: every rank saves its part; once all have, rank 0 writes the manifest as the
     `complete` marker and prunes all but the newest `keep`."""
     root, tag = checkpoint_root(output_dir), tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    save_rng(root / tag, env.rank)
-    barrier()
+
+    def save_part() -> None:
+        try:
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+            save_rng(root / tag, env.rank)
+        except (OSError, RuntimeError) as err:
+            # torch.save reports a failed write as a RuntimeError without the reason ("unexpected pos")
+            reason = err.strerror if isinstance(err, OSError) else f"a write failed: {io.first_line(err)}"
+            raise SpanqaError(
+                f"--output_dir: cannot save checkpoint {root / tag} ({reason}; is the disk full or over "
+                "quota?): the partial checkpoint is removed, the previous one stays for --resume auto"
+            ) from None
+
+    try:
+        on_every_rank(save_part, env)  # a barrier too: every rank's part is on disk
+    except SpanqaError:
+        if env.is_main:
+            shutil.rmtree(root / tag, ignore_errors=True)  # never marked complete: spanqa's own, unusable
+        raise
     if env.is_main:
-        mark_complete(root / tag, {"step": step, "world_size": env.world_size})
+        mark_complete(root / tag, {"step": step, "world_size": env.world_size, "head": head})
         prune(root, keep)
         log.info(f"checkpoint {root / tag}")
     barrier()

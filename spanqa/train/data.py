@@ -15,8 +15,8 @@ from spanqa.config import TrainConfig
 from spanqa.data.loader import eval_batches, make_loader, train_batches
 from spanqa.data.store import WindowStore
 from spanqa.errors import SpanqaError
-from spanqa.io import load_tokenizer
-from spanqa.train.distributed import DistEnv, barrier
+from spanqa.io import first_line, load_tokenizer
+from spanqa.train.distributed import DistEnv, on_every_rank
 
 log = logging.getLogger("spanqa.train")
 
@@ -35,7 +35,8 @@ class TrainData:
         if self.steps_per_epoch < 1:
             raise SpanqaError(
                 f"--train_batch_size: {self.config.train_batch_size} is more than the "
-                f"{len(self.train_store)} training windows: no optimizer step in an epoch"
+                f"{len(self.train_store)} training windows of {self.train_store.path}: no optimizer step "
+                "in an epoch"
             )
 
     @property
@@ -71,10 +72,26 @@ class TrainData:
 
 def setup_data(config: TrainConfig, env: DistEnv) -> TrainData:
     tokenizer = load_tokenizer(config.model, flag="--model")
+    check_model_takes(config)
     train_store, dev_store = prepare_stores(config, tokenizer, env)
     if dev_store is None:
         log.warning("no --dev_file: no evaluation, no best model")
     return TrainData(config, env, tokenizer, train_store, dev_store)
+
+
+def check_model_takes(config: TrainConfig) -> None:
+    """--max_seq_length must fit the encoder's position embeddings (found before any tokenizing)."""
+    from spanqa.model.build import encoder_positions
+
+    try:
+        positions = encoder_positions(config.model)
+    except (OSError, ValueError) as err:
+        raise SpanqaError(f"--model: {config.model}: cannot read its config: {first_line(err)}") from None
+    if positions is not None and config.windows.max_seq_length > positions:
+        raise SpanqaError(
+            f"--max_seq_length: {config.windows.max_seq_length} tokens, but {config.model} has position "
+            f"embeddings for {positions}: give --max_seq_length {positions} or less"
+        )
 
 
 def prepare_stores(config: TrainConfig, tokenizer: Any, env: DistEnv):
@@ -115,13 +132,18 @@ def _prepared(config: TrainConfig, data_file: str, role: str, tokenizer: Any, en
     from spanqa.data.prepare import prepare
 
     out = cache_dir_for(config, data_file)
-    if env.is_main:
-        log.info(f"{role}: window store {out}")
-        prepare(data_file, tokenizer, out, config.windows, progress=True)
-    barrier()
-    if env.is_local_main and not env.is_main and not (out / "meta.json").is_file():
-        prepare(data_file, tokenizer, out, config.windows, progress=False)
-    barrier()
+
+    def on_global_main() -> None:
+        if env.is_main:
+            log.info(f"{role}: window store {out}")
+            prepare(data_file, tokenizer, out, config.windows, progress=True, out_flag="--cache_dir")
+
+    def on_other_nodes() -> None:
+        if env.is_local_main and not env.is_main and not (out / "meta.json").is_file():
+            prepare(data_file, tokenizer, out, config.windows, progress=False, out_flag="--cache_dir")
+
+    on_every_rank(on_global_main, env)  # the others wait; rank 0's error stops every rank
+    on_every_rank(on_other_nodes, env)
     return WindowStore.open(out, read_examples=role == "dev")
 
 

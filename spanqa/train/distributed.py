@@ -152,3 +152,24 @@ def on_main(action, env: DistEnv):
     if message is not None:
         raise SpanqaError(message, quiet=not env.is_main)
     return result
+
+
+def on_every_rank(action, env: DistEnv):
+    """Run `action` on every rank and return its result; when it raises SpanqaError on any rank, every
+    rank stops: rank 0 reports the lowest failing rank's message (once, not once per rank), the others
+    exit quietly. For steps every rank takes (validation, saving), so that a failure on one rank never
+    leaves the others waiting at the next collective."""
+    try:
+        outcome = (action(), None)
+    except SpanqaError as err:
+        outcome = (None, str(err))
+    messages = gather_to_main(outcome[1], env)
+    failed = None
+    if env.is_main:
+        failed = next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
+    failed = broadcast_from_main(failed, env)
+    if failed is not None:
+        rank, message = failed
+        where = f"rank {rank}: " if rank else ""
+        raise SpanqaError(where + message, quiet=not env.is_main)
+    return outcome[0]

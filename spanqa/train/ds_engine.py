@@ -4,6 +4,7 @@ the engine built from it around the model, AdamW and the schedule."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from importlib import resources
@@ -116,10 +117,29 @@ def resolve_config(config: TrainConfig, env: DistEnv) -> dict:
         device.type, device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     resolved, notes = reconcile(config, load_config(path), env.world_size)
+    check_supported(resolved, path, device.type)
     for note in notes:
         log.info(note)
     log.info(f"world size {env.world_size} on {device.type}; deepspeed config {path}")
     return resolved
+
+
+ZERO_STAGES = (0, 1, 2)  # ZeRO-3 partitions the parameters; evaluation and export read them whole
+
+
+def check_supported(ds_config: dict, path: str | Path, device_type: str) -> None:
+    """Refuse, naming the JSON path, what would fail inside DeepSpeed after minutes of set-up."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise SpanqaError(
+            f"--deepspeed_config: {path}: zero_optimization.stage is {json.dumps(stage)}; spanqa trains "
+            f"with ZeRO stage 0, 1 or 2 (stage 3 would partition the parameters it evaluates and exports)"
+        )
+    if device_type == "cpu" and ds_config.get("fp16", {}).get("enabled") is True:
+        raise SpanqaError(
+            f"--deepspeed_config: {path}: fp16.enabled is true, but there is no CUDA device: fp16 "
+            "training needs a GPU (on CPU give no --deepspeed_config: spanqa uses fp32)"
+        )
 
 
 def build_engine(config: TrainConfig, ds_config: dict, schedule: Schedule, env: DistEnv):

@@ -51,7 +51,11 @@ def main(argv: list[str], prog: str = "spanqa train") -> int:
     watch_launcher()
     try:
         trainer = Trainer(config, env)
-        outcome = trainer.train(preemption)
+        try:
+            outcome = trainer.train(preemption)
+        except Exception:
+            trainer.tracker.close("FAILED")  # what was logged reaches MLflow; the run says it failed
+            raise
         stopped_by_signal = outcome in ("preempted", "requeue")
         if stopped_by_signal:
             # Saved; the job is ending. SLURM SIGTERMs every task again (after a requeue, too), and

@@ -33,7 +33,7 @@ from spanqa.flops import EncoderShape, device_peak
 from spanqa.train import checkpoint as ckpt
 from spanqa.train import ds_engine
 from spanqa.train.data import setup_data
-from spanqa.train.distributed import DistEnv, barrier, on_main
+from spanqa.train.distributed import DistEnv, barrier, on_every_rank, on_main
 from spanqa.train.evaluator import EVAL_DIR, Evaluator
 from spanqa.train.metrics import StepMetrics, optimizer_metrics
 from spanqa.train.optim import plan
@@ -79,8 +79,8 @@ class Trainer:
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
         setup_logging(env.rank, config.verbose)
-        self.ds_config = ds_engine.resolve_config(config, env)
-        self.data = setup_data(config, env)
+        self.ds_config = on_every_rank(self._checked_ds_config, env)
+        self.data = on_every_rank(lambda: setup_data(config, env), env)
         self.schedule = plan(config, self.data.steps_per_epoch, self.data.dev_store is not None)
         self.engine, self.scheduler = ds_engine.build_engine(config, self.ds_config, self.schedule, env)
         self.model = self.engine.module
@@ -107,11 +107,19 @@ class Trainer:
         self._started: float | None = None
         self._log_plan()
 
+    def _checked_ds_config(self) -> dict:
+        """The DeepSpeed config, once it and the output directory are known to work (before minutes of
+        preparing data and loading the model)."""
+        ds_config = ds_engine.resolve_config(self.config, self.env)
+        io.check_writable_dir(self.output_dir, "--output_dir")
+        return ds_config
+
     def _resume(self) -> dict | None:
         """Load the checkpoint --resume names (rank 0 picks and verifies it); its client state."""
         path = on_main(lambda: ckpt.resolve_resume(self.config.resume, self.output_dir), self.env)
         if path is None:
             return None
+        on_main(lambda: ckpt.check_same_head(path, self.config.head), self.env)
         on_main(lambda: ckpt.check_world_size(path, self.env.world_size), self.env)
         client_state = ckpt.load(self.engine, path, self.env.rank)
         self.state.load_state_dict(client_state["trainer"])
@@ -219,7 +227,9 @@ class Trainer:
         return loss
 
     def _logging_due(self, step: int) -> bool:
-        return step % self.config.logging_steps == 0 or step == self.schedule.stop_step
+        """Every --logging_steps, and at the run's last step. A stop at --max_steps logs nothing of its
+        own: its open window goes into the checkpoint, so a resumed run logs the same windows."""
+        return step % self.config.logging_steps == 0 or step == self.schedule.total_steps
 
     def _after_step(self, preemption: PreemptionFlag, progress) -> str:
         step = self.state.step
@@ -304,6 +314,7 @@ class Trainer:
             client_state,
             self.env,
             self.config.keep_checkpoints,
+            self.config.head,
         )
 
     def requeue(self) -> None:
