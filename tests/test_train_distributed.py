@@ -10,22 +10,25 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER = REPO / "launcher" / "train.py"
-FIXTURE = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
-BIN = Path(sys.executable).parent
-STEPS = 10  # an epoch of the fixture at 128/32/32: 87 windows, 10 global batches of 8 (7 sit it out)
+from runs import (
+    STEPS,
+    deepspeed_command,
+    mlflow_client,
+    mlflow_losses,
+    mlflow_runs,
+    no_dropout_copy,
+    one_process_command,
+    run,
+    start,
+    train_flags,
+    train_losses,
+    wait_for_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +42,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model_no_dropout(tiny_model, tmp_path_factory) -> Path:
-    """The tiny BERT without dropout: 1 x 8 and 2 x 4 windows can only agree when the forward pass
-    does not depend on how the batch is split (dropout masks do)."""
-    path = tmp_path_factory.mktemp("model") / "tiny-bert-no-dropout"
-    shutil.copytree(tiny_model, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return no_dropout_copy(tiny_model, tmp_path_factory.mktemp("model") / "tiny-bert-no-dropout")
 
 
 @pytest.fixture(scope="module")
@@ -54,67 +50,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_flags(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(model), "--train_file", str(FIXTURE), "--dev_file", str(FIXTURE),
-        "--output_dir", str(out), "--cache_dir", str(cache),
-        "--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32",
-        "--train_batch_size", "8", "--num_train_epochs", "1", "--learning_rate", "1e-3",
-        "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", *extra,
-    ]  # fmt: skip
-
-
-def run(command: list[str], mlflow_db: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-    }
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env=env, cwd=mlflow_db.parent
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
 def one_process(flags: list[str], mlflow_db: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(LAUNCHER), *flags], mlflow_db)
+    return run(one_process_command(flags), mlflow_db)
 
 
 def two_processes_deepspeed(flags: list[str], mlflow_db: Path) -> subprocess.CompletedProcess:
-    deepspeed = shutil.which("deepspeed", path=str(BIN)) or "deepspeed"
-    command = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER), *flags]
-    return run(command, mlflow_db)
+    return run(deepspeed_command(flags), mlflow_db)
 
 
-def train_losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
-def mlflow_runs(mlflow_db: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{mlflow_db}")
-    experiments = client.search_experiments()
-    return client.search_runs([e.experiment_id for e in experiments])
-
-
-def mlflow_losses(mlflow_db: Path, run_id: str) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(f"sqlite:///{mlflow_db}").get_metric_history(run_id, "loss")
-    return {m.step: m.value for m in history}
+def logged_steps(mlflow_db: Path, run_id: str) -> list[int]:
+    return [step for step, _ in mlflow_losses(mlflow_db, run_id)]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +92,17 @@ def check_two_rank_run(out: Path, mlflow_db: Path) -> None:
     assert len(runs) == 1
     assert runs[0].info.run_id == (out / "mlflow_run_id").read_text().strip()
     assert runs[0].data.params["world_size"] == "2"
-    assert sorted(mlflow_losses(mlflow_db, runs[0].info.run_id)) == list(range(1, steps + 1))
+    assert logged_steps(mlflow_db, runs[0].info.run_id) == list(range(1, steps + 1))
     assert "exact" in runs[0].data.metrics and "f1" in runs[0].data.metrics
+    # question counts describe the dev set: params, not metrics (they would chart as flat lines)
+    assert not {"total", "HasAns_total", "NoAns_total"} & set(runs[0].data.metrics)
+    assert runs[0].data.params["dev.total"] == "51"
+    experiment = mlflow_client(mlflow_db).get_experiment(runs[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
+    stats = {a.path for a in mlflow_client(mlflow_db).list_artifacts(runs[0].info.run_id, "data/train/stats")}
+    assert {
+        f"data/train/stats/{n}" for n in ("stats.json", "question_length.png", "context_length.png")
+    } <= stats
     assert 0 < runs[0].data.metrics["mfu"] < 1  # training reports its own model-FLOPs utilisation
     assert (out / "best_model" / "spanqa_config.json").is_file()
     assert (out / "eval" / "predictions.json").is_file()
@@ -169,13 +123,7 @@ def test_two_ranks_crf_head_stay_identical(tiny_model, cache_dir, tmp_path):
     sums = [(out / "param_checksums" / f"rank{r}.jsonl").read_text() for r in (0, 1)]
     assert sums[0] == sums[1] and len(sums[0].splitlines()) == 5
     runs = mlflow_runs(tmp_path / "mlflow.db")
-    assert len(runs) == 1 and sorted(mlflow_losses(tmp_path / "mlflow.db", runs[0].info.run_id)) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
+    assert len(runs) == 1 and logged_steps(tmp_path / "mlflow.db", runs[0].info.run_id) == [1, 2, 3, 4, 5]
 
 
 def test_data_parallel_equivalence(two_rank_span_run, one_rank_span_run):
@@ -201,7 +149,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, cache_dir, tmp_path):
     assert resumed[1] != resumed[2]
     runs = {r.info.run_id for r in mlflow_runs(db)}
     assert run_id == (out / "mlflow_run_id").read_text().strip() and run_id in runs and len(runs) == 2
-    assert mlflow_losses(db, run_id) == pytest.approx(resumed)
+    assert mlflow_losses(db, run_id) == sorted(resumed.items())
 
 
 def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, tmp_path):
@@ -209,21 +157,8 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     the same command with --resume auto finishes the schedule in the same MLflow run."""
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     flags = train_flags(tiny_model, cache_dir, out, "--resume", "auto")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
-        env.pop(name, None)
-    process = subprocess.Popen(
-        [sys.executable, str(LAUNCHER), *flags],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    log = out / "train_log.jsonl"
-    deadline = time.monotonic() + 240
-    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.2)
+    process = start(one_process_command(flags), db)
+    wait_for_steps(out, 2, process)
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-3000:]
