@@ -169,7 +169,7 @@ def apply_umask(path: Path) -> None:
     """Give everything under `path` the modes the umask allows: some writers (safetensors) create
     0600 files whatever the umask says."""
     mask = current_umask()
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chmod(root, DIR_MODE & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), FILE_MODE & ~mask)
