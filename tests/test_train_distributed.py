@@ -235,3 +235,29 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     one_process(flags, db)
     assert sorted(train_losses(out)) == list(range(1, STEPS + 1))
     assert [r.info.run_id for r in mlflow_runs(db)] == [run_id]
+
+
+def two_processes_torchrun(
+    target: list[str], flags: list[str], mlflow_db: Path
+) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun", path=str(BIN)) or "torchrun"
+    rendezvous = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return run([torchrun, *rendezvous, *target, *flags], mlflow_db)
+
+
+@pytest.mark.parametrize(
+    "target", [[str(LAUNCHER)], ["-m", "spanqa.train"]], ids=["launcher-script", "module"]
+)
+def test_torchrun_trains_like_the_deepspeed_launcher(
+    two_rank_span_run, tiny_model_no_dropout, cache_dir, tmp_path, target
+):
+    """`torchrun --nproc_per_node 2 launcher/train.py ...` and `torchrun -m spanqa.train ...`: the same
+    two gloo ranks, the same seed, the same losses as through `deepspeed`, and one MLflow run."""
+    out = tmp_path / "out"
+    flags = train_flags(tiny_model_no_dropout, cache_dir, out, "--head", "span", "--log_param_checksum")
+    two_processes_torchrun(target, flags, tmp_path / "mlflow.db")
+    check_two_rank_run(out, tmp_path / "mlflow.db")
+    torchrun, deepspeed = train_losses(out), train_losses(two_rank_span_run[0])
+    assert sorted(torchrun) == sorted(deepspeed) == list(range(1, STEPS + 1))
+    for step in deepspeed:
+        assert torchrun[step] == pytest.approx(deepspeed[step], rel=1e-6, abs=1e-7), step
