@@ -53,7 +53,7 @@ bench: install
 # transformers (5.x); these two each make a venv of their own:
 #   test-tf4     transformers 4.57: the fast tier, the learning test and the two-rank training tests
 #   test-floors  every direct dependency at its floor in pyproject.toml (.ci/lowest_constraints.py;
-#                torch 2.6 comes from PyPI, a CUDA build that also runs on CPU): the fast tier, the
+#                torch 2.7 comes from PyPI, a CUDA build that also runs on CPU): the fast tier, the
 #                two-rank training tests and the MLflow model tests
 TF4_VENV ?= .venv-tf4
 FLOORS_VENV ?= .venv-floors
@@ -72,7 +72,7 @@ test-tf4: $(TF4_VENV)/.installed
 	$(TF4_VENV)/bin/python -m pytest -m "not slow and not slurm"
 	$(TF4_VENV)/bin/python -m pytest $(TRAINING_TESTS)
 
-# deepspeed's older sdists import torch while they build: built against the venv's torch 2.6
+# deepspeed's older sdists import torch while they build: built against the venv's torch 2.7
 # (--no-build-isolation) instead of a newest torch pulled into an isolated build environment.
 $(FLOORS_VENV)/.installed: pyproject.toml .ci/lowest_constraints.py
 	test -x $(FLOORS_VENV)/bin/python || $(PY) -m venv $(FLOORS_VENV)
