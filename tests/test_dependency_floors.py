@@ -30,7 +30,7 @@ def test_every_direct_dependency_is_pinned_to_its_floor(floors):
         pins["torch"] == "2.7"
         and pins["deepspeed"] == "0.18"
         and pins["transformers"] == "4.56"
-        and pins["mlflow"] == "3.9"
+        and pins["mlflow"] == "3.11.1"
     )
 
 

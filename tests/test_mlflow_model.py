@@ -247,13 +247,22 @@ def test_the_served_model_answers_like_spanqa_predict(trained_run, tmp_path):
         with urllib.request.urlopen(request, timeout=120) as response:
             served = json.loads(response.read())["predictions"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        stop_server(server)
+    assert_same_answers(served, spanqa_predict(out / "best_model", rows, tmp_path), rows)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (it started uvicorn workers), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return  # already gone (it died before answering)
         try:
             server.wait(timeout=30)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-    assert_same_answers(served, spanqa_predict(out / "best_model", rows, tmp_path), rows)
+            continue
 
 
 def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:

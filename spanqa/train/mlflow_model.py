@@ -55,12 +55,13 @@ def questions_from_frame(frame: pd.DataFrame) -> list:
 
 
 def predictions_frame(questions: list, predictions: dict) -> pd.DataFrame:
-    rows = [predictions[q.id].as_json() for q in questions]
+    """answer, score, null_odds per question, in the order of `questions` (NaN where spanqa has None)."""
+    rows = [predictions[q.id] for q in questions]
     return pd.DataFrame(
         {
-            "answer": [row["answer"] for row in rows],
-            "score": [_nan_for_none(row["score"]) for row in rows],
-            "null_odds": [_nan_for_none(row["null_odds"]) for row in rows],
+            "answer": [p.answer for p in rows],
+            "score": [_nan_for_none(p.score) for p in rows],
+            "null_odds": [_nan_for_none(p.null_odds) for p in rows],
         }
     )
 
