@@ -64,3 +64,39 @@ gpu-wheels: install
 	$(BIN)/python bench/gpu_wheels.py --out .wheels
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
+
+# CI's other legs (.ci/run). `make test` runs the whole suite in .venv, which resolves the newest
+# transformers (5.x); these two each make a venv of their own:
+#   test-tf4     transformers 4.57: the fast tier, the learning test and the two-rank training tests
+#   test-floors  every direct dependency at its floor in pyproject.toml (.ci/lowest_constraints.py;
+#                torch 2.7 comes from PyPI, a CUDA build that also runs on CPU): the fast tier, the
+#                two-rank training tests and the MLflow model tests
+TF4_VENV ?= .venv-tf4
+FLOORS_VENV ?= .venv-floors
+TF4_SPEC ?= transformers>=4.57,<5
+TRAINING_TESTS := tests/test_train_learning.py tests/test_train_distributed.py
+
+.PHONY: test-tf4 test-floors
+
+$(TF4_VENV)/.installed: pyproject.toml
+	test -x $(TF4_VENV)/bin/python || $(PY) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/python -c 'import torch' 2>/dev/null || $(TF4_VENV)/bin/pip install -q '$(TORCH_SPEC)'
+	$(TF4_VENV)/bin/pip install -q -e '.[dev]' '$(TF4_SPEC)'
+	touch $@
+
+test-tf4: $(TF4_VENV)/.installed
+	$(TF4_VENV)/bin/python -m pytest -m "not slow and not slurm"
+	$(TF4_VENV)/bin/python -m pytest $(TRAINING_TESTS)
+
+# deepspeed's older sdists import torch while they build: built against the venv's torch 2.7
+# (--no-build-isolation) instead of a newest torch pulled into an isolated build environment.
+$(FLOORS_VENV)/.installed: pyproject.toml .ci/lowest_constraints.py
+	test -x $(FLOORS_VENV)/bin/python || $(PY) -m venv $(FLOORS_VENV)
+	$(PY) .ci/lowest_constraints.py > $(FLOORS_VENV)/constraints.txt
+	$(FLOORS_VENV)/bin/pip install -q -c $(FLOORS_VENV)/constraints.txt torch 'setuptools>=68' wheel
+	$(FLOORS_VENV)/bin/pip install -q --no-build-isolation -c $(FLOORS_VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_VENV)/bin/python -m pytest -m "not slow and not slurm"
+	$(FLOORS_VENV)/bin/python -m pytest tests/test_train_distributed.py tests/test_mlflow_model.py

@@ -133,6 +133,12 @@ class TrainConfig:
     """MLflow run name."""
     verbose: bool = False
     """Also show DeepSpeed's own info lines (its config, the engine's set-up) and every rank's progress."""
+    register_model: str | None = None
+    """Register the best model (logged to the MLflow run as the MLflow model `model`) in the Model
+    Registry under this name, as a new version."""
+    system_metrics: bool = True
+    """MLflow system metrics on rank 0 (CPU, memory, disk, network; GPU with nvidia-ml-py), every 10 s;
+    needs psutil (without it, none are logged)."""
     log_param_checksum: bool = False
     """Debugging: every rank appends a parameter checksum per step to OUTPUT_DIR/param_checksums/."""
 
@@ -186,8 +192,20 @@ class TrainConfig:
             raise SpanqaError(f"--model: {self.model}: no such directory")
         if self.resume not in ("none", "auto") and not Path(self.resume).is_dir():
             raise SpanqaError(f"--resume: {self.resume}: no such checkpoint directory (or use auto, none)")
+        if self.register_model is not None and not self.register_model.strip():
+            raise SpanqaError("--register_model: empty name")
+        if self.register_model is not None and not self._evaluates():
+            raise SpanqaError(
+                "--register_model: needs an evaluation to pick the best model (--dev_file, or --prepared "
+                "DIR with a dev/ window store)"
+            )
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise SpanqaError(f"--output_dir: {self.output_dir}: exists and is not a directory")
+
+    def _evaluates(self) -> bool:
+        return self.dev_file is not None or (
+            self.prepared is not None and (Path(self.prepared) / "dev" / "meta.json").is_file()
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -66,10 +66,18 @@ def read_questions(path: str | Path) -> list[Question]:
     if isinstance(data, dict) and "data" in data:
         questions = squad_questions(data, str(path))
     elif isinstance(data, list):
-        questions = [_question(item, str(path), f"[{i}]", str(i)) for i, item in enumerate(data)]
+        return questions_from_records(data, str(path))
     else:
         questions = json_lines(text, str(path))
     return _checked_unique(questions, str(path))
+
+
+def questions_from_records(items: list, source: str) -> list[Question]:
+    """Questions from a list of {"question", "context", optional "id"} objects (the id defaults to the
+    position); SpanqaError naming `source` and the position of a bad one."""
+    return _checked_unique(
+        [_question(item, source, f"[{i}]", str(i)) for i, item in enumerate(items)], source
+    )
 
 
 def squad_questions(data: dict, source: str) -> list[Question]:

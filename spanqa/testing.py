@@ -12,6 +12,7 @@ from typing import Any
 
 from spanqa import io
 from spanqa.demo import minilm_dir
+from spanqa.model.compat import save_pretrained
 
 __all__ = [
     "MODEL_SHAPES",
@@ -76,7 +77,7 @@ def write_bert_dir(path: str | Path, shape: str, tokenizer: Any, seed: int = 0, 
     try:
         with io.atomic_dir(path) as tmp:
             tokenizer.save_pretrained(str(tmp))
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            save_pretrained(model, str(tmp))  # safetensors, quietly, on either transformers major
     except OSError:
         if not all((path / name).is_file() for name in _BERT_FILES):
             raise  # not a concurrent writer that finished first

@@ -74,6 +74,13 @@ def deepspeed_command(flags: list[str], ranks: int = 2) -> list[str]:
     return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(LAUNCHER), *flags]
 
 
+def torchrun_command(target: list[str], flags: list[str], ranks: int = 2) -> list[str]:
+    """`torchrun` with `target` (the launcher script, or `-m spanqa.train`) on one host."""
+    torchrun = shutil.which("torchrun", path=str(BIN)) or "torchrun"
+    host = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [torchrun, "--nproc_per_node", str(ranks), *host, *target, *flags]
+
+
 def run(
     command: list[str], mlflow_db: Path, timeout: int = 300, ok: bool = True
 ) -> subprocess.CompletedProcess:

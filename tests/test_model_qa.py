@@ -21,6 +21,7 @@ from spanqa.eval.candidates import head_candidates
 from spanqa.eval.postprocess import AnswerSettings
 from spanqa.export import ExportInfo, export_model, load_export
 from spanqa.model.build import QAModel, build_model
+from spanqa.model.compat import has_qa_pipeline
 from spanqa.testing import tiny_bert_dir
 
 HEADS = ("span", "crf")
@@ -292,13 +293,7 @@ def test_span_export_is_a_transformers_qa_checkpoint(trained_span_export, tokeni
     assert our_answer(model, batch, question, tokenizer) == question["answer"]["text"]
 
 
-def _qa_pipeline_removed() -> bool:
-    from transformers import pipelines
-
-    return "question-answering" in getattr(pipelines, "REMOVED_TASKS", {})
-
-
-@pytest.mark.skipif(_qa_pipeline_removed(), reason="this transformers has no question-answering pipeline")
+@pytest.mark.skipif(not has_qa_pipeline(), reason="transformers >= 5.3 has no question-answering pipeline")
 def test_span_export_loads_in_the_qa_pipeline(trained_span_export, tokenizer, capfd):
     from transformers import pipeline
 
@@ -308,6 +303,26 @@ def test_span_export_loads_in_the_qa_pipeline(trained_span_export, tokenizer, ca
     assert "newly initialized" not in capfd.readouterr().err  # every weight came from the export
     answer = qa(question=question["question"], context=question["context"], max_answer_len=15)
     assert answer["answer"] == our_answer(model, batch, question, tokenizer) == question["answer"]["text"]
+
+
+README_QA = "runs/spanbert-span/best_model", "Who wrote Emma?", "Emma is a novel by Jane Austen."
+
+
+def test_the_readmes_automodel_lines_answer_with_the_span_export(trained_span_export, tokenizer, capsys):
+    """The README's plain-transformers use of an export (what replaces the QA pipeline on 5.x) runs as
+    written on this transformers and answers like the model did in training."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "AutoModelFor" in b)
+    model, out_dir, question, batch = trained_span_export
+    for text, ours in zip(README_QA, (str(out_dir), question["question"], question["context"]), strict=True):
+        assert repr(text).replace("'", '"') in code
+        code = code.replace(repr(text).replace("'", '"'), repr(ours))
+    exec(compile(code, "README.md", "exec"), {})
+    gold = tokenizer.decode(tokenizer(question["answer"]["text"], add_special_tokens=False)["input_ids"])
+    assert capsys.readouterr().out.strip() == gold
 
 
 def test_build_model_names_a_missing_model(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from runs import (
+    LAUNCHER,
     STEPS,
     deepspeed_command,
     mlflow_client,
@@ -25,6 +26,7 @@ from runs import (
     one_process_command,
     run,
     start,
+    torchrun_command,
     train_flags,
     train_losses,
     wait_for_steps,
@@ -170,3 +172,21 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     one_process(flags, db)
     assert sorted(train_losses(out)) == list(range(1, STEPS + 1))
     assert [r.info.run_id for r in mlflow_runs(db)] == [run_id]
+
+
+@pytest.mark.parametrize(
+    "target", [[str(LAUNCHER)], ["-m", "spanqa.train"]], ids=["launcher-script", "module"]
+)
+def test_torchrun_trains_like_the_deepspeed_launcher(
+    two_rank_span_run, tiny_model_no_dropout, cache_dir, tmp_path, target
+):
+    """`torchrun --nproc_per_node 2 launcher/train.py ...` and `torchrun -m spanqa.train ...`: the same
+    two gloo ranks, the same seed, the same losses as through `deepspeed`, and one MLflow run."""
+    out = tmp_path / "out"
+    flags = train_flags(tiny_model_no_dropout, cache_dir, out, "--head", "span", "--log_param_checksum")
+    run(torchrun_command(target, flags), tmp_path / "mlflow.db")
+    check_two_rank_run(out, tmp_path / "mlflow.db")
+    torchrun, deepspeed = train_losses(out), train_losses(two_rank_span_run[0])
+    assert sorted(torchrun) == sorted(deepspeed) == list(range(1, STEPS + 1))
+    for step in deepspeed:
+        assert torchrun[step] == pytest.approx(deepspeed[step], rel=1e-6, abs=1e-7), step

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from spanqa.model import compat
 from spanqa.model.heads import HEADS
 
 CRF_HEAD_FILE = "crf_head.safetensors"
@@ -91,20 +92,10 @@ def build_model(model_name_or_path: str, head: str = "span", attn_implementation
 
 def load_encoder(model_name_or_path: str, attn_implementation: str = "sdpa", **kwargs: Any) -> nn.Module:
     """`AutoModel.from_pretrained` in fp32, falling back from SDPA to eager attention for architectures
-    without SDPA support."""
+    without SDPA support (spanqa.model.compat)."""
     from transformers import AutoModel
 
-    return _from_pretrained(AutoModel, model_name_or_path, attn_implementation, **kwargs)
-
-
-def _from_pretrained(auto_class, name: str, attn_implementation: str, **kwargs: Any) -> nn.Module:
-    load = dict(trust_remote_code=False, dtype=torch.float32, **kwargs)
-    try:
-        return auto_class.from_pretrained(name, attn_implementation=attn_implementation, **load)
-    except ValueError as err:
-        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
-            raise
-        return auto_class.from_pretrained(name, attn_implementation="eager", **load)
+    return compat.from_pretrained(AutoModel, model_name_or_path, attn_implementation, **kwargs)
 
 
 def _drop_pooler(encoder: nn.Module) -> None:
@@ -112,16 +103,6 @@ def _drop_pooler(encoder: nn.Module) -> None:
     # goes, so that no parameter stays without a gradient under DeepSpeed.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
-
-
-def _no_pooler_kwargs(config) -> dict[str, Any]:
-    """`add_pooling_layer=False` for the encoder classes that take it (BERT, RoBERTa, ...), else nothing."""
-    from transformers import AutoModel
-    from transformers.models.auto.auto_factory import _get_model_class
-
-    model_class = _get_model_class(config, AutoModel._model_mapping)
-    takes_it = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
-    return {"add_pooling_layer": False} if takes_it else {}
 
 
 # ----------------------------------------------------------------------------------- save and load
@@ -150,9 +131,7 @@ def _save_span_model(model: QAModel, out: Path) -> None:
     # transformers' checkpoint, whatever dtype DeepSpeed left our modules in. Built under a private RNG
     # state: its (overwritten) random init must not draw from the training run's streams.
     with torch.random.fork_rng(devices=[]):
-        qa = AutoModelForQuestionAnswering.from_config(
-            copy.deepcopy(model.encoder.config), dtype=torch.float32
-        )
+        qa = compat.from_config(AutoModelForQuestionAnswering, copy.deepcopy(model.encoder.config))
     missing, unexpected = qa.base_model.load_state_dict(_fp32_state(model.encoder), strict=False)
     missing = [k for k in missing if not k.startswith("pooler.")]
     if missing or unexpected:
@@ -160,7 +139,7 @@ def _save_span_model(model: QAModel, out: Path) -> None:
             f"encoder does not fit {type(qa).__name__}: missing {missing}, unexpected {unexpected}"
         )
     qa.qa_outputs.load_state_dict(_fp32_state(model.head.qa_outputs))
-    qa.save_pretrained(str(out))
+    compat.save_pretrained(qa, str(out))
 
 
 def _save_crf_model(model: QAModel, out: Path) -> None:
@@ -168,9 +147,9 @@ def _save_crf_model(model: QAModel, out: Path) -> None:
 
     config = copy.deepcopy(model.encoder.config)
     with torch.random.fork_rng(devices=[]):
-        encoder = AutoModel.from_config(config, dtype=torch.float32, **_no_pooler_kwargs(config))
+        encoder = compat.from_config(AutoModel, config, **compat.no_pooler_kwargs(config))
     encoder.load_state_dict(_fp32_state(model.encoder))
-    encoder.save_pretrained(str(out))
+    compat.save_pretrained(encoder, str(out))
     save_file({k: v.contiguous() for k, v in _fp32_state(model.head).items()}, str(out / CRF_HEAD_FILE))
 
 
@@ -180,12 +159,12 @@ def from_pretrained(model_dir: str | Path, head: str, attn_implementation: str =
 
     model_dir = str(model_dir)
     if head == "span":
-        qa = _from_pretrained(AutoModelForQuestionAnswering, model_dir, attn_implementation)
+        qa = compat.from_pretrained(AutoModelForQuestionAnswering, model_dir, attn_implementation)
         model = QAModel(qa.base_model, "span")
         model.head.qa_outputs.load_state_dict(qa.qa_outputs.state_dict())
     else:
-        no_pooler = _no_pooler_kwargs(AutoConfig.from_pretrained(model_dir))
-        encoder = _from_pretrained(AutoModel, model_dir, attn_implementation, **no_pooler)
+        no_pooler = compat.no_pooler_kwargs(AutoConfig.from_pretrained(model_dir))
+        encoder = compat.from_pretrained(AutoModel, model_dir, attn_implementation, **no_pooler)
         model = QAModel(encoder, head)
         model.head.load_state_dict(load_file(str(Path(model_dir) / CRF_HEAD_FILE)))
     return model.eval()

@@ -54,6 +54,7 @@ def main(argv: list[str], prog: str = "spanqa train") -> int:
         try:
             outcome = trainer.train(preemption)
         except Exception:
+            trainer.system_metrics.stop()
             trainer.tracker.close("FAILED")  # what was logged reaches MLflow; the run says it failed
             raise
         stopped_by_signal = outcome in ("preempted", "requeue")

@@ -42,6 +42,7 @@ from spanqa.train.progress import bar, setup_logging
 from spanqa.train.run_info import run_params
 from spanqa.train.run_log import RunLog, write_param_checksum
 from spanqa.train.signals import PreemptionFlag, requeue_slurm_job, slurm_job_to_requeue
+from spanqa.train.system_metrics import start_system_metrics
 
 log = logging.getLogger("spanqa.train")
 PREEMPTION_CHECK_STEPS = 10  # ranks agree on a received signal at least this often (one tiny all-reduce)
@@ -92,6 +93,7 @@ class Trainer:
         tags = {"spanqa.tag": config.tag} if config.tag else None
         self.tracker = make_tracker(env.rank, self.output_dir, run_name=config.run_name, tags=tags)
         self.run_log = RunLog(self.output_dir, self.tracker, env.is_main)
+        self.system_metrics = start_system_metrics(self.tracker, config.system_metrics)  # rank 0 only
         if config.resume != "none":  # with no checkpoint yet (killed before the first), from step 0
             self.run_log.resume_at(self.state.step)
             self.tracker.backfill(self.run_log.history)
@@ -342,7 +344,9 @@ class Trainer:
         return self.state.train_seconds + running
 
     def close(self, status: str = "FINISHED") -> None:
-        """Artifacts (eval files, curves), then the MLflow run; safe to call on every rank."""
+        """Artifacts (eval files, curves), the best model as an MLflow model, then the MLflow run; safe
+        to call on every rank."""
+        self.system_metrics.stop()
         if self.env.is_main:
             from spanqa.train.plots import plot_training_curves
 
@@ -351,4 +355,8 @@ class Trainer:
             for name in ("eval_report.json", "predictions.json", "null_odds.json"):
                 if (self.output_dir / "eval" / name).is_file():
                     self.tracker.log_artifact(self.output_dir / "eval" / name, "eval")
+            if status == "FINISHED":
+                from spanqa.train.mlflow_model import log_best_model
+
+                log_best_model(self.tracker, self.output_dir / "best_model", self.config.register_model)
         self.tracker.close(status)
