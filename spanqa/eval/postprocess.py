@@ -25,8 +25,10 @@ class AnswerSettings:
     """Longest answer span, in tokens, considered at prediction time."""
     n_best_size: int = 20
     """Candidate spans kept per window."""
-    version_2_with_negative: bool = True
-    """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted."""
+    version_2_with_negative: bool | None = None
+    """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted.
+    Default: from the data (on for SQuAD files, off for MRQA files, which have no unanswerable
+    questions; saying it for an MRQA file is an error)."""
     null_score_diff_threshold: float = 0.0
     """Predict no answer when null score − best span score exceeds this."""
 
@@ -40,8 +42,9 @@ class AnswerSettings:
 
     @property
     def null_threshold(self) -> float:
-        """The null-odds threshold for answer selection; +inf never predicts "no answer" (SQuAD v1.1)."""
-        return self.null_score_diff_threshold if self.version_2_with_negative else math.inf
+        """The null-odds threshold for answer selection; +inf never predicts "no answer" (SQuAD v1.1).
+        Unresolved (None, no data seen yet) counts as on, SQuAD's default."""
+        return math.inf if self.version_2_with_negative is False else self.null_score_diff_threshold
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
