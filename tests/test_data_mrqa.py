@@ -315,3 +315,20 @@ def test_prepare_records_format_and_metric(converted, tmp_path, minilm_tokenizer
         SAMPLE / "dev.json", minilm_tokenizer, tmp_path / "q", WindowSettings(**tiny_settings), progress=False
     )
     assert squad.meta["source"]["format"] == "squad" and squad.meta["source"]["metric"] == "squad-v2.0"
+
+
+def test_stats_of_an_mrqa_file_shows_windows_per_question(converted, tmp_path, capsys, minilm_tokenizer):
+    from spanqa.testing import minilm_dir
+
+    flags = ["--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32"]
+    argv = ["stats", str(converted["dev"]), "--tokenizer", str(minilm_dir()), "--out", str(tmp_path), *flags]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    examples = load_examples(converted["dev"]).examples
+    windows = build_windows(examples, minilm_tokenizer, WindowSettings(128, 32, 32))
+    assert stats["examples"] == len(examples) and stats["windows"] == len(windows.window_lengths)
+    per_question = stats["windows"] / stats["examples"]
+    assert f"windows per question at 128/32: mean {per_question:.2f}" in out
+    assert f"({stats['windows']:,} windows for {len(examples):,} questions;" in out
+    assert per_question > 1.5  # SQuAD paragraphs at 128 tokens: most need several windows
