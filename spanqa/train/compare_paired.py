@@ -31,7 +31,7 @@ def paired_comparison(client: Any, runs: list, args: argparse.Namespace) -> tupl
     entries = entries_by_head(evals) if args.tag is not None else entries_by_run(evals)
     result = compare_entries(entries, buckets, args.resamples, args.seed)
     steps = ", ".join(f"{e.label} step {e.step}" for e in evals)
-    where = f"the last evaluation each run logged ({steps}) of {golds.source} ({golds.metric})"
+    where = f"the last evaluation each run logged ({steps})\non {golds.source} ({golds.metric})"
     return {**result, "data_file": golds.source, "metric": golds.metric}, format_comparison(result, where)
 
 

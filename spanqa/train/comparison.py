@@ -107,8 +107,13 @@ def compare_entries(entries: list[Entry], buckets: dict[str, dict], resamples: i
 def _interval(result: dict) -> str:
     return (
         f"{100 * result['difference']:+6.2f} [{100 * result['low']:+6.2f}, {100 * result['high']:+6.2f}]"
-        f" p {result['p_value']:.3f}"
+        f" p {_p(result['p_value'])}"
     )
+
+
+def _p(value: float) -> str:
+    # the smallest p of B resamples is 1 / (B + 1): never print it as 0
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
 
 
 def _seed_line(label: str, entry: dict) -> str:
@@ -119,17 +124,18 @@ def _seed_line(label: str, entry: dict) -> str:
 
 def format_comparison(result: dict, where: str) -> str:
     lines = [
-        f"paired comparison on {where}: {result['questions']} questions; paired bootstrap over questions, "
-        f"{result['resamples']:,} resamples, seed {result['seed']}, 95% percentile intervals, two-sided p",
+        f"paired comparison of {where}, {result['questions']} questions:",
+        f"paired bootstrap over questions, {result['resamples']:,} resamples, seed {result['seed']}; "
+        "95% percentile intervals; two-sided p",
     ]
     lines += [_seed_line(label, e) for label, e in result["entries"].items() if e["runs"] > 1]
-    lines.append(f"{'difference (points)':<22}{'EM [95% CI]':<33}F1 [95% CI]")
+    lines.append(f"{'difference (points)':<22}{'EM [95% CI]':<38}F1 [95% CI]")
     for pair in result["pairs"]:
         lines.append(f"{pair['a']} - {pair['b']}")
         for subset in (s for s in SUBSETS if s in pair):
             em, f1 = pair[subset]["exact"], pair[subset]["f1"]
             name = f"{subset} ({em['questions']})"
-            lines.append(f"  {name:<20}{_interval(em):<33}{_interval(f1)}")
+            lines.append(f"  {name:<20}{_interval(em):<38}{_interval(f1)}")
         cells = ", ".join(f"{name} {100 * share:.1f}%" for name, share in pair["exact_cells"].items())
         lines.append(f"  same answer on {100 * pair['agreement']:.1f}% of questions; EM: {cells}")
     lines += ["", "breakdowns (EM / F1, %):", format_breakdowns(result["breakdowns"])]
