@@ -128,6 +128,7 @@ def main() -> None:
         "loader_windows_per_s": round(loader_rate, 1),
         "padding_efficiency_bucketed": round(bucketed, 4),
         "padding_efficiency_random_batches": round(random_batch_efficiency(lengths, args.batch_size), 4),
+        # pad to max_seq_length (the key keeps the name of the default 384)
         "padding_efficiency_pad384": round(
             float(lengths.sum() / (len(lengths) * settings["max_seq_length"])), 4
         ),
@@ -146,7 +147,10 @@ def main() -> None:
         ),
         ("padding efficiency, bucketed, pad to x8", f"{result['padding_efficiency_bucketed']:.3f}"),
         ("padding efficiency, random batches", f"{result['padding_efficiency_random_batches']:.3f}"),
-        ("padding efficiency, pad every window to 384", f"{result['padding_efficiency_pad384']:.3f}"),
+        (
+            f"padding efficiency, pad every window to {settings['max_seq_length']}",
+            f"{result['padding_efficiency_pad384']:.3f}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     window = "/".join(str(settings[k]) for k in ("max_seq_length", "doc_stride", "max_query_length"))

@@ -56,7 +56,10 @@ def dev_source(client: Any, run: Any, work: Path) -> dict:
     meta = _download(client, run.info.run_id, DEV_META, work / run.info.run_id)
     if meta is None:
         raise SpanqaError(f"run {run.info.run_id}: logged no {DEV_META} (it had no dev set)")
-    return json.loads(meta.read_text())["source"]
+    source = json.loads(meta.read_text()).get("source")
+    if not isinstance(source, dict) or not {"path", "sha256"} <= source.keys():
+        raise SpanqaError(f"run {run.info.run_id}: its {DEV_META} names no source file (path, sha256)")
+    return source
 
 
 def shared_golds(client: Any, runs: list, data_file: str | None, work: Path) -> GoldFile:
@@ -107,8 +110,21 @@ def load_run_eval(client: Any, run: Any, golds: GoldFile, work: Path) -> RunEval
         scores=scores,
         answers=answers,
         model=params.get("config.model", ""),
-        windows=WindowSettings(**{k: int(params[f"config.windows.{k}"]) for k in WindowSettings().as_dict()}),
+        windows=window_settings(run_id, params),
     )
+
+
+def window_settings(run_id: str, params: dict) -> WindowSettings:
+    """The windows the run cut its dev contexts into (its config params)."""
+    values = {}
+    for name in WindowSettings().as_dict():
+        value = params.get(f"config.windows.{name}")
+        if value is None or not value.isdigit():
+            raise SpanqaError(
+                f"run {run_id}: param config.windows.{name} is {value!r}, not a number of tokens"
+            )
+        values[name] = int(value)
+    return WindowSettings(**values)
 
 
 def null_threshold(params: dict) -> float:
