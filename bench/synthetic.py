@@ -7,6 +7,7 @@ They are written by spanqa's own `write_store`, so the Trainer trains on them li
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,3 +200,61 @@ def write_synthetic_store(
     )
     write_store(out_dir, arrays, examples, meta)
     return WindowStore.open(out_dir)
+
+
+# ------------------------------------------------------------------------------ MRQA-shaped files
+
+MRQA_CONTEXT_WORDS = 800  # MRQA cut every context to 800 (spaCy) tokens; TriviaQA's and SearchQA's reach it
+
+
+def write_mrqa_file(out: Path, questions: int, seed: int = 0, source: Path | None = None) -> Path:
+    """An MRQA file (gzipped JSON lines) shaped like TriviaQA/SearchQA: one question per context of
+    about MRQA_CONTEXT_WORDS words, made of real SQuAD dev paragraphs joined with MRQA's [PAR] marker;
+    real dev questions; each answer a 1-4 word span of its context at a random place (so answers fall
+    into any of a context's windows). Deterministic for a seed; written by spanqa's own MRQA writer."""
+    from spanqa.data.convert import write_lines
+    from spanqa.data.formats import load_examples
+    from spanqa.testing import shared_squad2
+
+    examples = load_examples(source or shared_squad2("dev-v2.0.json")).examples
+    paragraphs = list(dict.fromkeys(ex.context for ex in examples))
+    asked = [ex.question for ex in examples]
+    rng = np.random.default_rng(seed)
+    lines: list[dict] = [
+        {"header": {"dataset": "synthetic-long", "split": f"{questions} questions, seed {seed}"}}
+    ]
+    for i in range(questions):
+        context = _long_context(paragraphs, rng)
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+", context)]
+        first = int(rng.integers(0, len(words) - 4))
+        start, end = words[first][0], words[first + int(rng.integers(0, 4))][1] - 1  # inclusive end
+        text = context[start : end + 1]
+        qa = {
+            "qid": f"long-{i}",
+            "question": asked[int(rng.integers(0, len(asked)))],
+            "answers": [text],
+            "detected_answers": [{"text": text, "char_spans": [[start, end]]}],
+        }
+        lines.append({"context": context, "qas": [qa]})
+    return write_lines(out, lines)
+
+
+def _long_context(paragraphs: list[str], rng: np.random.Generator) -> str:
+    parts, words = [], 0
+    while words < MRQA_CONTEXT_WORDS:
+        paragraph = paragraphs[int(rng.integers(0, len(paragraphs)))]
+        parts.append(paragraph)
+        words += len(paragraph.split()) + 1
+    text = " [PAR] ".join(parts).split()
+    return " ".join(text[:MRQA_CONTEXT_WORDS])
+
+
+def cached_mrqa_file(questions: int, seed: int = 0) -> Path:
+    """`write_mrqa_file` of `questions` long contexts, made once under the temp dir and reused."""
+    import tempfile
+
+    out = Path(tempfile.gettempdir()) / "spanqa-bench-mrqa" / f"long-{questions}-seed{seed}.jsonl.gz"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_mrqa_file(out, questions, seed)
+    return out

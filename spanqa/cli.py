@@ -11,12 +11,13 @@ import sys
 from spanqa.errors import SpanqaError, report
 
 COMMANDS = {
-    "prepare": ("spanqa.data.prepare", "tokenize a SQuAD JSON file into a memory-mapped window store"),
-    "stats": ("spanqa.data.stats", "length distributions of a SQuAD file or window store (JSON + PNG)"),
-    "evaluate": ("spanqa.eval.evaluate", "score a predictions file with the official SQuAD v2 metric"),
+    "prepare": ("spanqa.data.prepare", "tokenize a SQuAD or MRQA file into a memory-mapped window store"),
+    "stats": ("spanqa.data.stats", "length distributions of a data file or window store (JSON + PNG)"),
+    "evaluate": ("spanqa.eval.evaluate", "score predictions with the data's official metric (SQuAD, MRQA)"),
+    "convert": ("spanqa.data.convert", "write a SQuAD file as an MRQA file (`--to mrqa`)"),
     "train": ("spanqa.train.entry", "train in this process (use `deepspeed launcher/train.py` for many)"),
     "predict": ("spanqa.predict", "answer questions with an exported model"),
-    "compare": ("spanqa.train.compare", "print MLflow runs that share a tag side by side"),
+    "compare": ("spanqa.train.compare", "runs side by side, paired bootstrap of their differences"),
     "demo": ("spanqa.demo", "train and evaluate MiniLM on the bundled sample (CPU or GPU), in minutes"),
 }
 

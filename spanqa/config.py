@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 from spanqa import flags
+from spanqa.data.formats import MRQA, SQUAD, detect_format
 from spanqa.data.windows import WindowSettings
 from spanqa.errors import SpanqaError
 from spanqa.eval.postprocess import AnswerSettings
 from spanqa.eval.squad_metric import SELECTION_METRICS
-from spanqa.io import looks_like_local_path
+from spanqa.io import looks_like_local_path, read_json
 from spanqa.model import HEAD_NAMES
 from spanqa.presets import load_preset, preset_names
 
@@ -77,9 +78,11 @@ class TrainConfig:
     output_dir: str
     """Where checkpoints/, best_model/, eval/, train_log.jsonl and mlflow_run_id go."""
     train_file: str | None = None
-    """SQuAD-format JSON to train on (prepared into a window store automatically); or use --prepared."""
+    """SQuAD JSON or MRQA JSON lines (.jsonl.gz) to train on (prepared into a window store
+    automatically); or use --prepared."""
     dev_file: str | None = None
-    """SQuAD-format JSON to evaluate on; without it (and without --prepared DIR/dev) there is no eval."""
+    """SQuAD JSON or MRQA JSON lines to evaluate on, each scored by its official script; without it
+    (and without --prepared DIR/dev) there is no eval."""
     prepared: str | None = None
     """A directory with window stores `train/` and optionally `dev/` (`spanqa prepare --out DIR/train`)."""
     cache_dir: str | None = None
@@ -103,7 +106,8 @@ class TrainConfig:
     windows: WindowSettings = field(default_factory=WindowSettings)
     answers: AnswerSettings = field(default_factory=AnswerSettings)
     eval_metric: str = "best_f1"
-    """Metric that picks the best checkpoint: exact, f1, best_exact or best_f1."""
+    """Metric that picks the best checkpoint: exact, f1, best_exact or best_f1 (on SQuAD v1.1 and
+    MRQA dev files, which have no null threshold, best_exact and best_f1 are exact and f1)."""
     eval_per_epoch: int = 1
     """Evaluations per epoch, evenly spaced (the last one at the end of the epoch); 0: only after the
     last step (and every --eval_steps)."""
@@ -174,6 +178,20 @@ class TrainConfig:
             if value is not None and value not in allowed:
                 raise SpanqaError(f"--{name}: must be one of {', '.join(allowed)}, got {value!r}")
         self._check_paths()
+        self._resolve_version_2()
+
+    def _resolve_version_2(self) -> None:
+        """--version_2_with_negative from the data when not given: off when any data is MRQA."""
+        mrqa = [source for source, kind in data_formats(self) if kind == MRQA]
+        wanted = self.answers.version_2_with_negative
+        if wanted and mrqa:
+            raise SpanqaError(
+                f"--version_2_with_negative: {mrqa[0]} is MRQA data, which has no unanswerable questions "
+                "(leave the flag out: it is off for MRQA)"
+            )
+        if wanted is None:
+            # frozen: the resolved value replaces the unresolved one once, here, before anyone reads it
+            object.__setattr__(self, "answers", replace(self.answers, version_2_with_negative=not mrqa))
 
     def _check_paths(self) -> None:
         if self.prepared is None and self.train_file is None:
@@ -209,6 +227,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def data_formats(config: TrainConfig) -> list[tuple[str, str]]:
+    """(file, SQUAD or MRQA) of the run's data: its JSON files by content, --prepared stores by the
+    format their meta.json records."""
+    found = [(path, detect_format(path)) for path in (config.train_file, config.dev_file) if path]
+    if config.prepared is not None:
+        for role in ("train", "dev"):
+            meta_file = Path(config.prepared) / role / "meta.json"
+            if meta_file.is_file():
+                meta = read_json(meta_file, "window store meta")
+                source = meta.get("source", {}) if isinstance(meta, dict) else {}
+                found.append((source.get("path", str(meta_file)), source.get("format", SQUAD)))
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -46,17 +47,74 @@ def first_line(err: BaseException) -> str:
 
 def read_text(path: str | Path, what: str = "file") -> str:
     """The file's UTF-8 text; `what` names it in the error ("data file", "predictions file")."""
-    path = Path(path)
+    return _decode(Path(path), _read_bytes(Path(path), what))
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """OS errors inside become one SpanqaError line naming the file and what it was meant to be."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield
     except FileNotFoundError:
         raise SpanqaError(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise SpanqaError(f"{path}: is a directory, not a {what}") from None
-    except UnicodeDecodeError as err:
-        raise SpanqaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise SpanqaError(f"{path}: cannot read {what} ({err.strerror})") from None
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    with _reading(path, what):
+        return path.read_bytes()
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpanqaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_data_text(path: str | Path, what: str = "data file") -> str:
+    """The file's UTF-8 text, decompressed first when it is gzip: told by its first two bytes, not by
+    its name (MRQA's files are .jsonl.gz; a renamed or plain copy reads the same)."""
+    path = Path(path)
+    data = _read_bytes(path, what)
+    if data.startswith(GZIP_MAGIC):
+        data = _gunzip(path, data)
+    return _decode(path, data)
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except EOFError:
+        raise SpanqaError(f"{path}: truncated gzip: the compressed stream ends early (cut short?)") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise SpanqaError(f"{path}: not a valid gzip file ({first_line(err)})") from None
+
+
+def peek_text(path: str | Path, limit: int = 1 << 16, what: str = "data file") -> str:
+    """Up to `limit` bytes from the start of the file (decompressed when it is gzip) as text, for
+    telling formats apart; nothing is checked here (a full read reports a broken file)."""
+    path = Path(path)
+    with _reading(path, what), open(path, "rb") as f:
+        head = f.read(limit)
+        if head.startswith(GZIP_MAGIC):
+            f.seek(0)
+            head = _gunzip_head(f, limit)
+    return head.decode("utf-8", errors="replace")
+
+
+def _gunzip_head(f: IO[bytes], limit: int) -> bytes:
+    stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        return stream.decompress(f.read(limit), limit)
+    except zlib.error:
+        return b""  # not readable as gzip: the full read says why
 
 
 def parse_json(text: str, source: str) -> Any:

@@ -59,7 +59,12 @@ def store(tmp_path_factory):
 
 def test_compare_json_reports_each_run_at_its_best_evaluation(store, capsys):
     assert cli_main(["compare", "cmp", "--tracking_uri", store["uri"], "--json"]) == 0
-    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    output = capsys.readouterr()
+    result = json.loads(output.out.strip().splitlines()[-1])
+    runs = result["runs"]
+    # these runs logged no predictions: the side-by-side table only, and the reason on stderr
+    assert result["comparison"] is None
+    assert "no paired comparison: run " in output.err and "logged no data/dev/meta.json" in output.err
     assert [r["head"] for r in runs] == ["crf", "span"]
     crf, span = runs
     assert crf["run_id"] == store["crf"] and span["run_id"] == store["span"]

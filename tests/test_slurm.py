@@ -318,6 +318,47 @@ def test_compare_array_trains_both_heads_and_prints_the_table(workspace):
     assert direct.stdout == table
 
 
+def test_compare_array_with_several_seeds_per_head(workspace):
+    """--seeds 2 on an array of 4 tasks: span and crf with seeds 0 and 1, then the comparison of the
+    heads' seed means, with mean ± std per head."""
+    cluster = workspace.cluster
+    base = workspace.root / "runs" / "seeds"
+    array_id = cluster.sbatch(
+        f"--chdir={workspace.root}", f"--output={workspace.root}/logs/seeds-%A_%a.out", "--time=15",
+        "--array=0-3", COMPARE, *workspace.flags, "--num_train_epochs", "1", "--seeds", "2", "--tag", "seeds",
+        "--output_dir", str(base), env=workspace.env,
+    )  # fmt: skip
+    records = cluster.wait_job(array_id, timeout=2 * JOB_TIMEOUT, tasks=4)
+    logs = "\n".join(workspace.log_of("seeds", f"{array_id}_{i}") for i in range(4))
+    assert [rec["JobState"] for rec in records] == ["COMPLETED"] * 4, logs
+    runs = workspace.runs_tagged("seeds")
+    assert sorted((r.data.params["config.head"], r.data.params["config.seed"]) for r in runs) == [
+        ("crf", "0"), ("crf", "1"), ("span", "0"), ("span", "1"),
+    ]  # fmt: skip
+    assert sorted(p.name for p in base.iterdir() if p.name.endswith(("seed0", "seed1"))) == [
+        "crf-seed0", "crf-seed1", "span-seed0", "span-seed1",
+    ]  # fmt: skip
+    cluster.wait_job((base / "compare_job_id").read_text().strip(), timeout=120)
+    table = (base / "compare.txt").read_text()
+    assert "span: 2 runs (seeds 0, 1): EM " in table and "crf: 2 runs (seeds 0, 1): EM " in table, table
+    assert "crf - span" in table and "breakdowns (EM / F1, %):" in table, table
+    result = json.loads((base / "compare" / "compare.json").read_text())["comparison"]
+    assert result["entries"]["span"]["runs"] == 2 and len(result["breakdowns"]) == 4
+
+
+def test_compare_seeds_need_an_array_of_twice_as_many_tasks(workspace):
+    array_id = workspace.cluster.sbatch(
+        f"--chdir={workspace.root}", f"--output={workspace.root}/logs/bad-seeds-%A_%a.out", "--time=5",
+        COMPARE, *workspace.flags, "--seeds", "3", "--tag", "bad-seeds", env=workspace.env,
+    )  # fmt: skip
+    records = workspace.cluster.wait_job(array_id, timeout=60, tasks=2)
+    assert [rec["JobState"] for rec in records] == ["FAILED", "FAILED"]
+    log = workspace.log_of("bad-seeds", f"{array_id}_0")
+    assert "--seeds 3 needs an array of 6 tasks (span and crf per seed), this one has 2" in log, log
+    assert "sbatch --array=0-5 slurm/compare.sbatch --seeds 3" in log
+    assert not workspace.runs_tagged("bad-seeds")
+
+
 def test_a_stuck_job_is_cancelled_and_reported(cluster):
     job_id = cluster.sbatch("--wrap", "sleep 600", "--output=/dev/null")
     with pytest.raises(ClusterError, match=f"job {job_id} did not finish within 2 s and was cancelled"):

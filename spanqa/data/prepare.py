@@ -1,4 +1,4 @@
-"""`spanqa prepare`: SQuAD JSON -> window store, reusing a store built from the same inputs.
+"""`spanqa prepare`: SQuAD JSON or MRQA JSON lines -> window store, reused when built from the same inputs.
 
 spanqa prepare --data_file dev-v2.0.json --tokenizer SpanBERT/spanbert-base-cased --out prepared/dev
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from spanqa import flags, io
 from spanqa.data import stats
-from spanqa.data.squad import load_squad
+from spanqa.data.formats import load_examples
 from spanqa.data.store import FORMAT_VERSION, META, STATS_DIR, WindowStore, build_meta, write_store
 from spanqa.data.windows import WindowSettings, build_windows, pair_template, tokenizer_fingerprint
 from spanqa.errors import SpanqaError
@@ -64,7 +64,8 @@ def prepare(
 def build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted, progress) -> None:
     """Parse, validate and cut `data_file` into windows; write the store with its length statistics."""
     started = time.perf_counter()
-    examples, report = load_squad(data_file)
+    loaded = load_examples(data_file)
+    examples, report = loaded.examples, loaded.report
     if not examples:
         raise SpanqaError(f"{data_file}: data: no questions with a usable answer or is_impossible")
     arrays = build_windows(examples, tokenizer, settings, progress=progress)
@@ -80,7 +81,12 @@ def build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted,
             "n_special": template.n_special,
         },
         settings=settings.as_dict(),
-        source={"path": str(data_file.resolve()), "sha256": wanted["source_sha256"]},
+        source={
+            "path": str(data_file.resolve()),
+            "sha256": wanted["source_sha256"],
+            "format": loaded.format,
+            "metric": loaded.metric,
+        },
         validation=report,
     )
     meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
@@ -108,8 +114,8 @@ def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:
         "settings": meta["settings"],
         "source_sha256": meta["source"].get("sha256"),
     }
-    if found != wanted:
-        return None
+    if found != wanted or "metric" not in meta["source"]:
+        return None  # other inputs, or a store older than its source's format and scorer being recorded
     store.reused = True
     return store
 
@@ -174,7 +180,11 @@ def summary(store: WindowStore) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="spanqa prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--data_file", required=True, help="SQuAD v1.1 or v2.0 JSON file")
+    parser.add_argument(
+        "--data_file",
+        required=True,
+        help="SQuAD v1.1/v2.0 JSON or MRQA JSON lines (.jsonl.gz), told by content",
+    )
     parser.add_argument("--tokenizer", required=True, help="fast tokenizer: local directory or hub name")
     parser.add_argument("--out", required=True, help="directory of the window store")
     flags.add_flags(parser, WindowSettings)

@@ -1,12 +1,14 @@
-"""`spanqa stats`: length distributions of a SQuAD file or a window store, as JSON and PNG histograms.
+"""`spanqa stats`: length distributions of a SQuAD/MRQA file or a window store, as JSON and PNG histograms.
 
     spanqa stats dev-v2.0.json --tokenizer DIR --out stats/dev     # a SQuAD file (tokenized in memory)
+    spanqa stats TriviaQA-dev.jsonl.gz --tokenizer DIR --max_seq_length 512 --out stats/triviaqa  # MRQA
     spanqa stats prepared/dev --out stats/dev                       # a window store (its own tokenizer)
 
 Writes stats.json (summary and histogram of each distribution) and question_length.png,
 context_length.png, windows_per_example.png: the question/context length figures of the reference
 report, for any dataset. Question lengths are counted before the max_query_length cut, context lengths
-once per distinct context (paragraph).
+once per distinct context (paragraph). Windows per question is the figure that says what a dataset costs
+at a window setting: MRQA's long contexts (TriviaQA, SearchQA) are cut into several windows each.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from spanqa import flags, io
-from spanqa.data.squad import Example, load_squad
+from spanqa.data.formats import load_examples
+from spanqa.data.squad import Example
 from spanqa.data.store import WindowStore
 from spanqa.data.windows import WindowSettings, build_windows, quiet_transformers
 from spanqa.errors import SpanqaError
@@ -41,7 +44,7 @@ def collect(source: Path, tokenizer_name: str | None, settings: WindowSettings) 
     else:
         if tokenizer_name is None:
             raise SpanqaError("--tokenizer: needed to count the tokens of a SQuAD file")
-        examples, _ = load_squad(source)
+        examples = load_examples(source).examples
         tokenizer = load_tokenizer(tokenizer_name)
         arrays = build_windows(examples, tokenizer, settings)
         windows = np.bincount(arrays.example_index, minlength=len(examples))
@@ -157,9 +160,22 @@ def _save_png(fig, path: Path) -> Path:
     return path
 
 
+def windows_line(result: dict[str, Any]) -> str:
+    """The windows-per-question figure: mean, spread and the share of questions cut into several."""
+    d, s = result["distributions"]["windows_per_example"], result["settings"]
+    several = result["examples_with_several_windows"] / max(1, result["examples"])
+    return (
+        f"windows per question at {s['max_seq_length']}/{s['doc_stride']}: mean {d['mean']:.2f}, "
+        f"p50 {d['p50']:.0f}, p99 {d['p99']:.0f}, max {d['max']} ({result['windows']:,} windows for "
+        f"{result['examples']:,} questions; {100 * several:.1f}% of questions have several)"
+    )
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="spanqa stats", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a SQuAD JSON file or a window store directory")
+    parser.add_argument(
+        "source", help="a SQuAD JSON file, an MRQA JSON-lines file or a window store directory"
+    )
     parser.add_argument("--out", required=True, help="directory for stats.json and the PNG histograms")
     parser.add_argument("--tokenizer", help="fast tokenizer (default for a store: the one it was made with)")
     flags.add_flags(parser, WindowSettings)  # the windows of a SQuAD file
@@ -179,5 +195,6 @@ def main(argv: list[str]) -> int:
         print(
             f"{name:<19} mean {d['mean']:>7.1f} p50 {d['p50']:>6.0f}  p99 {d['p99']:>6.0f}  max {d['max']:>6}"
         )
+    print(windows_line(result))
     print(f"wrote {out_dir / 'stats.json'} and {len(PLOTS) + 1} PNG histograms")
     return 0

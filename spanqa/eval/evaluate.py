@@ -1,10 +1,14 @@
-"""`spanqa evaluate`: score a predictions file with the official SQuAD v2 metric (any system's files).
+"""`spanqa evaluate`: score a predictions file with the official metric of its data file (any system's files).
 
     spanqa evaluate --data_file dev-v2.0.json --predictions predictions.json [--null_odds null_odds.json]
+    spanqa evaluate --data_file TriviaQA-dev.jsonl.gz --predictions predictions.json
 
-prints every figure as one JSON object on stdout; warnings (ids missing from or unknown to the data) go to
-stderr. Also the writer of the prediction files that training leaves in OUTPUT_DIR/eval/ (and that
-`spanqa predict` writes).
+Each data file is scored by its own official script: SQuAD v2.0 (evaluate-v2.0.py, with the
+best-threshold figures given null odds), SQuAD v1.1 (evaluate-v1.1.py; a file whose "version" is 1.x) and
+MRQA (mrqa_official_eval.py; JSON lines, gzipped or not, told by content). `--metric` overrides the
+choice. Prints every figure as one JSON object on stdout ("exact" is the v1.1/MRQA scripts'
+"exact_match"); warnings (ids missing from or unknown to the data) go to stderr. Also the writer of the
+prediction files that training leaves in OUTPUT_DIR/eval/ (and that `spanqa predict` writes).
 """
 
 from __future__ import annotations
@@ -17,14 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from spanqa import io
+from spanqa.data.formats import METRICS, SQUAD_V2
 from spanqa.errors import SpanqaError
-from spanqa.eval.squad_metric import (
-    check_null_odds_cover,
-    read_gold_questions,
-    squad_v2_scores,
-    validate_null_odds,
-    validate_predictions,
-)
+from spanqa.eval.golds import read_golds
+from spanqa.eval.scoring import score_predictions
+from spanqa.eval.squad_metric import check_null_odds_cover, validate_null_odds, validate_predictions
 from spanqa.io import read_json
 
 PREDICTIONS_FILE = "predictions.json"
@@ -34,12 +35,14 @@ REPORT_FILE = "eval_report.json"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="spanqa evaluate", description="Score SQuAD v1.1/v2.0 predictions like evaluate-v2.0.py."
+        prog="spanqa evaluate",
+        description="Score predictions like the official script of the data file (SQuAD v2.0, v1.1, MRQA).",
     )
-    parser.add_argument("--data_file", required=True, help="SQuAD JSON file with the gold answers")
+    parser.add_argument("--data_file", required=True, help="SQuAD JSON or MRQA JSON lines with the golds")
     parser.add_argument("--predictions", required=True, help="JSON object {question id: answer text}")
     parser.add_argument(
-        "--null_odds", help="JSON object {question id: no-answer score}; adds the best-threshold figures"
+        "--null_odds",
+        help="JSON object {question id: no-answer score}; adds the best-threshold figures (SQuAD v2.0 only)",
     )
     parser.add_argument(
         "--null_threshold",
@@ -49,21 +52,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "none, the predictions are scored as given; the official default 1.0 never changes a prediction "
         "for its probabilities in [0, 1], but spanqa's null odds are score differences",
     )
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        help="score by this script instead of the data file's own (its format and version say which)",
+    )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    golds = read_gold_questions(args.data_file)
+    gold_file = read_golds(args.data_file)
+    metric = args.metric or gold_file.metric
+    golds = gold_file.questions
     predictions = validate_predictions(read_json(args.predictions, "predictions file"), args.predictions)
     null_odds = None
-    if args.null_odds:
+    if args.null_odds and metric != SQUAD_V2:
+        print(f"warning: --null_odds: the {metric} script takes no null odds; ignored", file=sys.stderr)
+    elif args.null_odds:
         null_odds = validate_null_odds(read_json(args.null_odds, "null odds file"), args.null_odds)
     _warn_about_ids(golds, predictions, args.predictions)
     if null_odds is not None:
         check_null_odds_cover(null_odds, (g.id for g in golds), predictions, args.null_odds)
-    report = squad_v2_scores(golds, predictions, null_odds, args.null_threshold)
+    report = score_predictions(golds, predictions, null_odds, args.null_threshold, metric)
     if args.out:
         try:
             io.write_json(Path(args.out), report)

@@ -25,8 +25,10 @@ class AnswerSettings:
     """Longest answer span, in tokens, considered at prediction time."""
     n_best_size: int = 20
     """Candidate spans kept per window."""
-    version_2_with_negative: bool = True
-    """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted."""
+    version_2_with_negative: bool | None = None
+    """SQuAD v2: questions may have no answer. When False (v1.1), the null answer is never predicted.
+    Default: from the data (on for SQuAD files, off for MRQA files, which have no unanswerable
+    questions; saying it for an MRQA file is an error)."""
     null_score_diff_threshold: float | None = None
     """Predict no answer when null score − best span score exceeds this. Default: the threshold that
     reached the best --eval_metric on dev when that is best_f1/best_exact (exported with the model),
@@ -43,8 +45,8 @@ class AnswerSettings:
     @property
     def null_threshold(self) -> float:
         """The null-odds threshold for answer selection (0 when none is set); +inf never predicts
-        "no answer" (SQuAD v1.1)."""
-        if not self.version_2_with_negative:
+        "no answer" (SQuAD v1.1, MRQA). Unresolved (None, no data seen yet) counts as on, SQuAD's default."""
+        if self.version_2_with_negative is False:
             return math.inf
         return 0.0 if self.null_score_diff_threshold is None else self.null_score_diff_threshold
 

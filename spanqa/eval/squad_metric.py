@@ -14,32 +14,16 @@ import json
 import re
 import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from spanqa.data.squad import json_field, require, walk_questions
 from spanqa.errors import SpanqaError
-from spanqa.io import read_json
+from spanqa.eval.golds import GoldQuestion, read_gold_questions  # noqa: F401 - imported from here too
 
 # The figures a run can pick its best checkpoint by (higher is better).
 SELECTION_METRICS = ("exact", "f1", "best_exact", "best_f1")
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)  # deletes exactly the official set
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class GoldQuestion:
-    """One question as the scorer sees it: its id and its gold answer texts exactly as the file gives them."""
-
-    id: str
-    answers: tuple[str, ...]
-
-    @property
-    def has_answer(self) -> bool:
-        # the official scorer decides answerability by `bool(qa["answers"])`, not by `is_impossible`
-        return bool(self.answers)
 
 
 def normalize_answer(text: str) -> str:
@@ -96,24 +80,6 @@ def as_gold_questions(examples: Iterable[Any]) -> list[GoldQuestion]:
     return golds
 
 
-def read_gold_questions(path: str | Path) -> list[GoldQuestion]:
-    """The questions of a SQuAD v1.1/v2.0 JSON file with their answer texts untouched.
-
-    Scoring must see the golds the official scorer sees, so this reader neither repairs nor drops answers
-    (the training-side parser may); it only checks the structure the scorer relies on.
-    """
-    golds = []
-    for raw in walk_questions(read_json(path, "data file"), str(path)):
-        qid = json_field(raw.qa, "id", str, str(path), raw.at)
-        answers = json_field(raw.qa, "answers", list, str(path), raw.at)
-        texts = []
-        for i, answer in enumerate(answers):
-            require(answer, dict, str(path), f"{raw.at}.answers[{i}]")
-            texts.append(json_field(answer, "text", str, str(path), f"{raw.at}.answers[{i}]"))
-        golds.append(GoldQuestion(qid, tuple(texts)))
-    return golds
-
-
 def squad_v2_scores(
     examples: Iterable[Any],
     predictions: Mapping[str, str],
@@ -127,15 +93,12 @@ def squad_v2_scores(
     without a prediction count as wrong (the count is `missing_predictions` when there are any);
     predictions for ids not in `examples` are ignored, as the official scorer does.
     """
-    questions = _unique_by_id(as_gold_questions(examples))
+    questions = unique_by_id(as_gold_questions(examples))
     if not questions:
         raise SpanqaError("no questions to score")
     has_answer = {qid: q.has_answer for qid, q in questions.items()}
     exact_raw, f1_raw = raw_scores(questions, predictions)
-    odds = null_odds if null_odds is not None else {qid: 0.0 for qid in predictions}
-    check_null_odds_cover(odds, exact_raw, predictions)
-    # a question without a prediction stays wrong whatever odds the file gives it
-    odds = {qid: value for qid, value in odds.items() if qid in predictions}
+    odds = _predicted_odds(null_odds, exact_raw, predictions)
     exact = apply_no_answer_threshold(exact_raw, odds, has_answer, null_threshold)
     f1 = apply_no_answer_threshold(f1_raw, odds, has_answer, null_threshold)
 
@@ -155,6 +118,31 @@ def squad_v2_scores(
     if missing:
         report["missing_predictions"] = missing
     return report
+
+
+def _predicted_odds(
+    null_odds: Mapping[str, float] | None, questions: Iterable[str], predictions: Mapping[str, str]
+) -> dict[str, float]:
+    odds = null_odds if null_odds is not None else {qid: 0.0 for qid in predictions}
+    check_null_odds_cover(odds, questions, predictions)
+    # a question without a prediction stays wrong whatever odds the file gives it
+    return {qid: value for qid, value in odds.items() if qid in predictions}
+
+
+def thresholded_scores(
+    questions: Mapping[str, GoldQuestion],
+    predictions: Mapping[str, str],
+    null_odds: Mapping[str, float] | None,
+    null_threshold: float,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-question EM and F1 after the null threshold: what the "exact" and "f1" figures average."""
+    has_answer = {qid: q.has_answer for qid, q in questions.items()}
+    exact_raw, f1_raw = raw_scores(questions, predictions)
+    odds = _predicted_odds(null_odds, exact_raw, predictions)
+    return (
+        apply_no_answer_threshold(exact_raw, odds, has_answer, null_threshold),
+        apply_no_answer_threshold(f1_raw, odds, has_answer, null_threshold),
+    )
 
 
 def raw_scores(
@@ -286,7 +274,7 @@ def check_null_odds_cover(
             )
 
 
-def _unique_by_id(golds: list[GoldQuestion]) -> dict[str, GoldQuestion]:
+def unique_by_id(golds: list[GoldQuestion]) -> dict[str, GoldQuestion]:
     # like the official dicts: a repeated id keeps its first position and its last answers
     questions: dict[str, GoldQuestion] = {}
     for gold in golds:

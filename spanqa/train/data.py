@@ -64,6 +64,11 @@ class TrainData:
         )
         return make_loader(self.dev_store, batches, self.config.num_workers)
 
+    @property
+    def dev_metric(self) -> str:
+        """The official scorer of the dev data (recorded in its store by prepare)."""
+        return self.dev_store.meta["source"].get("metric", "squad-v2.0")
+
     @cached_property
     def golds(self) -> list:
         """The dev questions the scorer sees (read when first needed, on rank 0)."""

@@ -1,5 +1,6 @@
 """Evaluation during training: every rank infers its share of the dev windows, rank 0 selects the
-answers, scores them with the official SQuAD v2 metric and writes OUTPUT_DIR/eval/."""
+answers, scores them with the official metric of the dev file (SQuAD v2.0, v1.1 or MRQA) and writes
+OUTPUT_DIR/eval/."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from spanqa.eval.candidates import WindowCandidates
 from spanqa.eval.evaluate import write_prediction_files
 from spanqa.eval.infer import Inferred, infer_candidates
 from spanqa.eval.postprocess import select_answers
-from spanqa.eval.squad_metric import squad_v2_scores
+from spanqa.eval.scoring import score_predictions
 from spanqa.train.data import TrainData
 from spanqa.train.distributed import broadcast_from_main, gather_to_main
 from spanqa.train.progress import bar
@@ -56,16 +57,17 @@ class Evaluator:
         answers = self.config.answers
         cands = WindowCandidates.concatenate([g.candidates for g in gathered])
         indices = [i for g in gathered for i in g.window_indices.tolist()]
-        # every question's best non-null answer: the metric applies the thresholds itself, so that the
-        # best-threshold sweep sees answers for thresholds above the configured one too
+        # every question's best non-null answer: the SQuAD v2 metric applies the thresholds itself, so
+        # that the best-threshold sweep sees answers for thresholds above the configured one too (the
+        # v1.1 and MRQA scripts never predict "no answer": their threshold is +inf)
         best_spans, null_odds = select_answers(cands, indices, self.data.dev_store, math.inf)
-        scores = squad_v2_scores(
-            self.data.golds, best_spans, null_odds, null_threshold=answers.null_threshold
+        scores = score_predictions(
+            self.data.golds, best_spans, null_odds, answers.null_threshold, self.data.dev_metric
         )
         scores["eval_loss"] = sum(g.loss_sum for g in gathered) / max(1, len(indices))
         threshold = self.model_threshold(scores)
         if threshold != answers.null_threshold:
-            tuned = squad_v2_scores(self.data.golds, best_spans, null_odds, null_threshold=threshold)
+            tuned = score_predictions(self.data.golds, best_spans, null_odds, threshold, self.data.dev_metric)
             scores.update({f"tuned_{k}": v for k, v in tuned.items() if k in TUNED_FIGURES})
             scores["tuned_threshold"] = threshold
         predictions = {qid: "" if null_odds[qid] > threshold else text for qid, text in best_spans.items()}

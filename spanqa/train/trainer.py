@@ -28,6 +28,7 @@ import torch
 from spanqa import io
 from spanqa.config import TrainConfig
 from spanqa.data.store import STATS_DIR
+from spanqa.eval.scoring import selection_score
 from spanqa.export import ExportInfo, export_model
 from spanqa.flops import EncoderShape, device_peak
 from spanqa.train import checkpoint as ckpt
@@ -278,7 +279,7 @@ class Trainer:
         self.run_log.record(
             state.step, {**numeric, "epoch": state.step / self.schedule.steps_per_epoch}, "eval"
         )
-        value = scores[self.config.eval_metric]
+        value = selection_score(scores, self.config.eval_metric)
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step = value, state.step
             if self.env.is_main:
