@@ -35,25 +35,62 @@ class Case:
     length: int
     num_tags: int
     min_length: int = 100
+    tagging: str | None = None  # a CRF head tag scheme: its hard constraints, and gold tags it allows
 
     @property
     def name(self) -> str:
-        return f"B{self.batch}xT{self.length}xK{self.num_tags}"
+        return f"B{self.batch}xT{self.length}xK{self.num_tags}" + (f"-{self.tagging}" if self.tagging else "")
 
 
-CASES = (Case(32, 384, 3), Case(8, 384, 5))
+# the last: the CRF head's one-span scheme (4 tags, constrained: the log-space scan), pytorch-crf given
+# the same constraints as -inf transitions
+CASES = (Case(32, 384, 3), Case(8, 384, 5), Case(32, 384, 4, tagging="span"))
 GOAL = 20.0  # the issue's target for both speedups in the main case
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
-    """Emissions, gold tags and prefix masks of random lengths in [min_length, length]."""
+    """Emissions, gold tags and prefix masks of random lengths in [min_length, length] (under a tag
+    scheme: the tags of a random answer of up to 30 tokens, or none, in each row)."""
     gen = torch.Generator().manual_seed(seed)
     emissions = torch.randn(case.batch, case.length, case.num_tags, generator=gen)
     tags = torch.randint(0, case.num_tags, (case.batch, case.length), generator=gen)
     lengths = torch.randint(case.min_length, case.length + 1, (case.batch,), generator=gen)
     lengths[0] = case.length  # pytorch-crf needs one full row for its time-major loop to cover all
     mask = torch.arange(case.length).view(1, -1) < lengths.view(-1, 1)
+    if case.tagging is not None:
+        tags = scheme_tags(case.tagging, lengths, mask, gen)
     return emissions.to(device), tags.to(device), mask.to(device)
+
+
+def scheme_tags(tagging: str, lengths: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
+    from spanqa.model.tagging import TAGGINGS
+
+    starts = (torch.rand(len(lengths), generator=gen) * (lengths - 31)).long() + 1
+    starts[::4] = 0  # every fourth row: no answer
+    ends = starts + torch.randint(0, 30, (len(lengths),), generator=gen)
+    tags = TAGGINGS[tagging].tags(starts, ends, mask)
+    # padding keeps the last real tag: pytorch-crf scores it as transition x 0, nan when forbidden
+    return torch.where(mask, tags, tags.gather(1, (lengths - 1).view(-1, 1)))
+
+
+def make_crfs(case: Case, device: torch.device) -> tuple[torchcrf.CRF, CRF]:
+    """pytorch-crf and spanqa's CRF with the same parameters (and constraints, as -inf in pytorch-crf)."""
+    from spanqa.model.tagging import TAGGINGS
+
+    torch.manual_seed(0)
+    ref = torchcrf.CRF(case.num_tags, batch_first=True)
+    ours = CRF(case.num_tags) if case.tagging is None else TAGGINGS[case.tagging].crf()
+    ours.load_state_dict(ref.state_dict())
+    if case.tagging is not None:
+        with torch.no_grad():
+            for name, mask in (
+                ("start", ours.start_mask),
+                ("end", ours.end_mask),
+                ("", ours.transition_mask),
+            ):
+                if mask is not None:
+                    getattr(ref, f"{name}_transitions" if name else "transitions").add_(mask)
+    return ref.to(device), ours.to(device)
 
 
 @dataclass(frozen=True)
@@ -119,10 +156,7 @@ def count_launches(fn) -> int:
 
 
 def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
-    torch.manual_seed(0)
-    ref = torchcrf.CRF(case.num_tags, batch_first=True).to(device)
-    ours = CRF(case.num_tags).to(device)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = make_crfs(case, device)
     emissions, tags, mask = make_inputs(case, device)
     row = {"case": case.name, "device": device.type}
     pairs = {
@@ -144,7 +178,7 @@ def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<16} {'dev':<5} {'ref f+b ms':>10} {'ours f+b':>9} {'x':>6} "
+        f"{'case':<22} {'dev':<5} {'ref f+b ms':>10} {'ours f+b':>9} {'x':>6} "
         f"{'ref vit ms':>10} {'ours vit':>9} {'x':>6} {'launches ref/ours':>18}"
         "   after the other: f+b x, vit x"
     )
@@ -152,7 +186,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         launches = f"{r['ref_launches_fwd_bwd']}/{r['launches_fwd_bwd']}" if "launches_fwd_bwd" in r else "-"
         print(
-            f"{r['case']:<16} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {r['fwd_bwd_ms']:>9.2f} "
+            f"{r['case']:<22} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {r['fwd_bwd_ms']:>9.2f} "
             f"{r['fwd_bwd_speedup']:>6.1f} {r['ref_viterbi_ms']:>10.2f} {r['viterbi_ms']:>9.2f} "
             f"{r['viterbi_speedup']:>6.1f} {launches:>18}   "
             f"{r['fwd_bwd_speedup_after_other']:.1f}, {r['viterbi_speedup_after_other']:.1f}"
