@@ -38,25 +38,62 @@ class Case:
     length: int
     num_tags: int
     min_length: int = 100
+    tagging: str | None = None  # a CRF head tag scheme: its hard constraints, and gold tags it allows
 
     @property
     def name(self) -> str:
-        return f"B{self.batch}xT{self.length}xK{self.num_tags}"
+        return f"B{self.batch}xT{self.length}xK{self.num_tags}" + (f"-{self.tagging}" if self.tagging else "")
 
 
-CASES = (Case(32, 384, 3), Case(8, 384, 5))
+# the last: the CRF head's one-span scheme (4 tags, constrained: the log-space scan), pytorch-crf given
+# the same constraints as -inf transitions
+CASES = (Case(32, 384, 3), Case(8, 384, 5), Case(32, 384, 4, tagging="span"))
 GOAL = 20.0  # the issue's target for both speedups in the main case
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
-    """Emissions, gold tags and prefix masks of random lengths in [min_length, length]."""
+    """Emissions, gold tags and prefix masks of random lengths in [min_length, length] (under a tag
+    scheme: the tags of a random answer of up to 30 tokens, or none, in each row)."""
     gen = torch.Generator().manual_seed(seed)
     emissions = torch.randn(case.batch, case.length, case.num_tags, generator=gen)
     tags = torch.randint(0, case.num_tags, (case.batch, case.length), generator=gen)
     lengths = torch.randint(case.min_length, case.length + 1, (case.batch,), generator=gen)
     lengths[0] = case.length  # pytorch-crf needs one full row for its time-major loop to cover all
     mask = torch.arange(case.length).view(1, -1) < lengths.view(-1, 1)
+    if case.tagging is not None:
+        tags = scheme_tags(case.tagging, lengths, mask, gen)
     return emissions.to(device), tags.to(device), mask.to(device)
+
+
+def scheme_tags(tagging: str, lengths: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
+    from spanqa.model.tagging import TAGGINGS
+
+    starts = (torch.rand(len(lengths), generator=gen) * (lengths - 31)).long() + 1
+    starts[::4] = 0  # every fourth row: no answer
+    ends = starts + torch.randint(0, 30, (len(lengths),), generator=gen)
+    tags = TAGGINGS[tagging].tags(starts, ends, mask)
+    # padding keeps the last real tag: pytorch-crf scores it as transition x 0, nan when forbidden
+    return torch.where(mask, tags, tags.gather(1, (lengths - 1).view(-1, 1)))
+
+
+def make_crfs(case: Case, device: torch.device) -> tuple[torchcrf.CRF, CRF]:
+    """pytorch-crf and spanqa's CRF with the same parameters (and constraints, as -inf in pytorch-crf)."""
+    from spanqa.model.tagging import TAGGINGS
+
+    torch.manual_seed(0)
+    ref = torchcrf.CRF(case.num_tags, batch_first=True)
+    ours = CRF(case.num_tags) if case.tagging is None else TAGGINGS[case.tagging].crf()
+    ours.load_state_dict(ref.state_dict())
+    if case.tagging is not None:
+        with torch.no_grad():
+            for name, mask in (
+                ("start", ours.start_mask),
+                ("end", ours.end_mask),
+                ("", ours.transition_mask),
+            ):
+                if mask is not None:
+                    getattr(ref, f"{name}_transitions" if name else "transitions").add_(mask)
+    return ref.to(device), ours.to(device)
 
 
 @dataclass(frozen=True)
@@ -136,10 +173,7 @@ def count_launches(fn) -> int:
 def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
     """One row: pytorch-crf ("ref") and spanqa ("ours": the Triton kernels on CUDA, the torch scan on
     CPU); on CUDA also spanqa's torch scan ("scan") and the kernel launches of each call."""
-    torch.manual_seed(0)
-    ref = torchcrf.CRF(case.num_tags, batch_first=True).to(device)
-    ours = CRF(case.num_tags).to(device)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = make_crfs(case, device)
     emissions, tags, mask = make_inputs(case, device)
     row = {"case": case.name, "device": device.type}
     for name, fns in contenders(ref, ours, emissions, tags, mask, device.type == "cuda").items():
@@ -171,7 +205,7 @@ def contenders(ref, ours, emissions, tags, mask, with_scan: bool) -> dict[str, d
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<16} {'dev':<5} {'ref f+b ms':>10} {'scan f+b':>9} {'ours f+b':>9} {'x':>6} "
+        f"{'case':<22} {'dev':<5} {'ref f+b ms':>10} {'scan f+b':>9} {'ours f+b':>9} {'x':>6} "
         f"{'ref vit ms':>10} {'scan vit':>9} {'ours vit':>9} {'x':>6} {'f+b launches ref/scan/ours':>28}"
         "   after the other: f+b x, vit x"
     )
@@ -184,7 +218,7 @@ def print_table(rows: list[dict]) -> None:
             str(r.get(k, "-")) for k in ("ref_launches_fwd_bwd", "scan_launches_fwd_bwd", "launches_fwd_bwd")
         )
         print(
-            f"{r['case']:<16} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {scan_fb} {r['fwd_bwd_ms']:>9.2f}"
+            f"{r['case']:<22} {r['device']:<5} {r['ref_fwd_bwd_ms']:>10.2f} {scan_fb} {r['fwd_bwd_ms']:>9.2f}"
             " "
             f"{r['fwd_bwd_speedup']:>6.1f} {r['ref_viterbi_ms']:>10.2f} {scan_vit} {r['viterbi_ms']:>9.2f} "
             f"{r['viterbi_speedup']:>6.1f} {launches:>28}   "

@@ -27,10 +27,15 @@ from spanqa.errors import SpanqaError
 from spanqa.eval.postprocess import AnswerSettings
 from spanqa.eval.squad_metric import SELECTION_METRICS
 from spanqa.io import looks_like_local_path, read_json
-from spanqa.model import HEAD_NAMES
+from spanqa.model import CRF_TAGGINGS, HEAD_NAMES
 from spanqa.presets import load_preset, preset_names
 
-CHOICES = {"head": HEAD_NAMES, "eval_metric": SELECTION_METRICS, "preset": tuple(preset_names())}
+CHOICES = {
+    "head": HEAD_NAMES,
+    "crf_tags": CRF_TAGGINGS,
+    "eval_metric": SELECTION_METRICS,
+    "preset": tuple(preset_names()),
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class OptimizerSettings:
     """Peak learning rate of AdamW (after warmup, then linear decay to 0)."""
     weight_decay: float = 0.01
     """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    head_lr_multiplier: float = 1.0
+    """The answer head's learning rate (its linear layer, the CRF's transitions) over --learning_rate."""
     adam_epsilon: float = 1e-6
     """AdamW epsilon (BERT's value)."""
     max_grad_norm: float = 1.0
@@ -54,8 +61,9 @@ class OptimizerSettings:
     """Warmup as a fraction of the total optimizer steps (used when warmup_steps is None)."""
 
     def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise SpanqaError(f"--learning_rate: must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "head_lr_multiplier"):
+            if not getattr(self, name) > 0:
+                raise SpanqaError(f"--{name}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
             if getattr(self, name) < 0:
                 raise SpanqaError(f"--{name}: must not be negative, got {getattr(self, name)}")
@@ -88,7 +96,10 @@ class TrainConfig:
     cache_dir: str | None = None
     """Where raw JSON files are prepared into window stores; default OUTPUT_DIR/../.spanqa_cache."""
     head: str = "span"
-    """Answer head: `span` (start/end logits) or `crf` (BIO tags with a linear-chain CRF)."""
+    """Answer head: `span` (start/end logits) or `crf` (tags with a linear-chain CRF)."""
+    crf_tags: str = CRF_TAGGINGS[0]
+    """The CRF head's tags: `span` (O-before, B, I, O-after: only "no answer" or exactly one span is a
+    path), `bio` (unconstrained BIO) or `bio_masked` (BIO without O→I)."""
     preset: str | None = None
     """Start from a shipped recipe: `reference` (the report's) or `spanbert` (SpanBERT's SQuAD 2.0 one)."""
     train_batch_size: int = 8

@@ -82,6 +82,8 @@ def test_boolean_flags_turn_on_and_off(tmp_path):
         (["--train_batch_size", "0"], "--train_batch_size"),
         (["--train_batch_size", "8", "--gradient_accumulation_steps", "3"], "--train_batch_size"),
         (["--head", "lstm"], "--head"),
+        (["--crf_tags", "bioes"], "--crf_tags"),
+        (["--head_lr_multiplier", "0"], "--head_lr_multiplier"),
         (["--eval_metric", "accuracy"], "--eval_metric"),
         (["--warmup_steps", "10", "--warmup_proportion", "0.1"], "--warmup_steps"),
         (["--doc_overlap", "400"], "--doc_overlap"),

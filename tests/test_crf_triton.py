@@ -29,15 +29,18 @@ def test_fused_kernels_match_the_torch_scan_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "cases checked: 2" in result.stdout
+    assert "cases checked: 3" in result.stdout
 
 
-def check_case(num_tags: int, dtype: torch.dtype, seed: int) -> None:
+def check_case(num_tags: int, dtype: torch.dtype, seed: int, tagging: str | None = None) -> None:
+    """`tagging`: a CRF head tag scheme whose hard constraints the CRF carries (num_tags must match)."""
     from spanqa.model import crf_triton
     from spanqa.model.crf import CRF
+    from spanqa.model.tagging import TAGGINGS
 
     torch.manual_seed(seed)
-    crf = CRF(num_tags).to(dtype)
+    crf = (CRF(num_tags) if tagging is None else TAGGINGS[tagging].crf()).to(dtype)
+    assert crf.num_tags == num_tags
     with torch.no_grad():
         for p in crf.parameters():
             p.uniform_(-2.0, 2.0)
@@ -74,7 +77,7 @@ def check_case(num_tags: int, dtype: torch.dtype, seed: int) -> None:
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    cases = [(3, torch.float64, 0), (5, torch.float32, 1)]
+    cases = [(3, torch.float64, 0), (5, torch.float32, 1), (4, torch.float64, 2, "span")]
     for case in cases:
         check_case(*case)
     print(f"cases checked: {len(cases)}")

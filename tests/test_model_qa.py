@@ -20,6 +20,7 @@ from spanqa.errors import SpanqaError
 from spanqa.eval.candidates import head_candidates
 from spanqa.eval.postprocess import AnswerSettings
 from spanqa.export import ExportInfo, export_model, load_export
+from spanqa.model import CRF_TAGGINGS
 from spanqa.model.build import QAModel, build_model
 from spanqa.model.compat import has_qa_pipeline
 from spanqa.testing import tiny_bert_dir
@@ -124,7 +125,7 @@ def test_forward_shapes_and_loss_on_real_questions(tiny_dir, batch, head):
         assert outputs["start_logits"].shape == outputs["end_logits"].shape == (batch_size, length)
         assert outputs["start_logits"].dtype == torch.float32
     else:
-        assert outputs["emissions"].shape == (batch_size, length, 3)
+        assert outputs["emissions"].shape == (batch_size, length, model.head.crf.num_tags)
         assert outputs["emissions"].dtype == torch.float32
     loss = outputs["loss"]
     assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss) and loss > 0
@@ -159,15 +160,32 @@ def test_span_loss_ignores_padding(tiny_dir, tokenizer):
     torch.testing.assert_close(model(**padded)["loss"], model(**alone)["loss"], rtol=1e-4, atol=1e-5)
 
 
-def test_crf_loss_is_negative_crf_log_likelihood_of_bio_tags(tiny_dir, batch):
-    from spanqa.model.heads import bio_tags
-
-    model = fresh_model(tiny_dir, "crf").eval()
+@pytest.mark.parametrize("crf_tags", CRF_TAGGINGS)
+def test_crf_loss_is_negative_crf_log_likelihood_of_the_gold_tags(tiny_dir, batch, crf_tags):
+    torch.manual_seed(0)
+    model = build_model(str(tiny_dir), "crf", crf_tags=crf_tags).eval()
+    assert model.head.tagging.name == crf_tags
     outputs = model(**batch)
-    tags = bio_tags(batch["start_positions"], batch["end_positions"], batch["context_mask"])
+    tags = model.head.tagging.tags(batch["start_positions"], batch["end_positions"], batch["context_mask"])
     assert int((tags[-1] != 0).sum()) == 0  # no-answer window: all O
     expected = -model.head.crf(outputs["emissions"], tags, batch["context_mask"], reduction="mean")
     torch.testing.assert_close(outputs["loss"], expected)
+
+
+def test_crf_export_keeps_its_tag_scheme_and_old_exports_load_as_bio(tiny_dir, tokenizer, batch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = build_model(str(tiny_dir), "crf", crf_tags="bio_masked").eval()
+    export_model(model, tokenizer, tmp_path / "masked", info("crf"))
+    loaded = load_export(tmp_path / "masked")[0]
+    assert loaded.head.tagging.name == "bio_masked" and loaded.head.crf.constrained
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch)["loss"], model(**batch)["loss"], rtol=0, atol=1e-6)
+    # a head file written before tag schemes existed (no metadata) holds BIO weights
+    head_file = tmp_path / "masked" / "crf_head.safetensors"
+    save_file(load_file(str(head_file)), str(head_file))
+    assert load_export(tmp_path / "masked")[0].head.tagging.name == "bio"
 
 
 @pytest.mark.parametrize("head", HEADS)

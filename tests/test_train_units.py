@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
+from spanqa.config import OptimizerSettings
 from spanqa.errors import SpanqaError
 from spanqa.train import checkpoint as ckpt
 from spanqa.train.distributed import env_from_environ
 from spanqa.train.entry import default_omp_threads
-from spanqa.train.optim import eval_points, is_decayed, warmup_linear_decay
+from spanqa.train.optim import eval_points, is_decayed, make_optimizer, warmup_linear_decay
 from spanqa.train.signals import PreemptionFlag, slurm_job_to_requeue
 
 
@@ -35,6 +36,42 @@ def test_no_weight_decay_on_biases_and_layer_norms():
     model = torch.nn.ModuleDict({"dense": torch.nn.Linear(2, 2), "LayerNorm": torch.nn.LayerNorm(2)})
     decayed = {name for name, p in model.named_parameters() if is_decayed(name, p)}
     assert decayed == {"dense.weight"}
+
+
+def test_the_head_learns_at_its_multiplier_and_decay_rules_hold_in_every_group():
+    from spanqa.model.heads import CRFHead
+
+    encoder = torch.nn.ModuleDict({"dense": torch.nn.Linear(2, 2), "LayerNorm": torch.nn.LayerNorm(2)})
+    model = torch.nn.ModuleDict({"encoder": encoder, "head": CRFHead(2)})
+    settings = OptimizerSettings(learning_rate=1e-4, weight_decay=0.01, head_lr_multiplier=50.0)
+    optimizer = make_optimizer(model, settings, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        (g["lr"], g["weight_decay"], sorted(names[id(p)] for p in g["params"]))
+        for g in optimizer.param_groups
+    ]
+    assert groups == [
+        (1e-4, 0.01, ["encoder.dense.weight"]),
+        (1e-4, 0.0, ["encoder.LayerNorm.bias", "encoder.LayerNorm.weight", "encoder.dense.bias"]),
+        (
+            50 * 1e-4,
+            0.01,
+            [
+                "head.crf.end_transitions",
+                "head.crf.start_transitions",
+                "head.crf.transitions",
+                "head.emission.weight",
+            ],
+        ),
+        (50 * 1e-4, 0.0, ["head.emission.bias"]),
+    ]
+    # the schedule scales every group's own rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(2, 10))
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-5, 5e-5, 2.5e-3, 2.5e-3])
+    with pytest.raises(SpanqaError, match="--head_lr_multiplier"):
+        OptimizerSettings(head_lr_multiplier=0.0)
 
 
 def fake_checkpoint(root, step: int, complete: bool = True):

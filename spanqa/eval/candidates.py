@@ -61,7 +61,10 @@ def head_candidates(model: Any, outputs: dict, context_mask: Any, n_best: int, m
             )
         from spanqa.eval.crf_spans import crf_candidates
 
-        return crf_candidates(model.head.crf, outputs["emissions"], context_mask, n_best, max_answer_length)
+        head = model.head
+        return crf_candidates(
+            head.crf, outputs["emissions"], context_mask, n_best, max_answer_length, head.tagging.states
+        )
 
 
 def _numpy32(tensor: Any) -> np.ndarray:

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from spanqa.model import compat
-from spanqa.model.heads import HEADS
+from spanqa.model.heads import DEFAULT_TAGGING, HEADS, CRFHead
 
 CRF_HEAD_FILE = "crf_head.safetensors"
+TAGGING_KEY = "crf_tags"  # in the CRF head file's metadata: the tag scheme its weights are for
 
 
 # Encoders whose position ids start after the padding index (RoBERTa's offset): fewer usable positions.
@@ -44,14 +46,18 @@ class QAModel(nn.Module):
     outputs: "start_logits"/"end_logits" [B, L] (span) or "emissions" [B, L, 3] (crf), and "loss" when
     the gold positions are given."""
 
-    def __init__(self, encoder: nn.Module, head_name: str) -> None:
+    def __init__(self, encoder: nn.Module, head_name: str, crf_tags: str = DEFAULT_TAGGING) -> None:
         super().__init__()
         if head_name not in HEADS:
             raise ValueError(f"unknown head {head_name!r} (choose from {', '.join(HEADS)})")
         config = encoder.config
         self.encoder = encoder
         self.head_name = head_name
-        self.head = HEADS[head_name](config.hidden_size, getattr(config, "initializer_range", 0.02))
+        init_range = getattr(config, "initializer_range", 0.02)
+        if head_name == "crf":
+            self.head = CRFHead(config.hidden_size, init_range, crf_tags)
+        else:
+            self.head = HEADS[head_name](config.hidden_size, init_range)
         # Encoders without segment embeddings (DistilBERT) take no token_type_ids at all.
         self._takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
 
@@ -79,15 +85,21 @@ class QAModel(nn.Module):
         return self.head(hidden, attention_mask, context_mask, start_positions, end_positions)
 
 
-def build_model(model_name_or_path: str, head: str = "span", attn_implementation: str = "sdpa") -> QAModel:
-    """A pretrained encoder (local directory or hub name; never remote code) with a fresh `head`, in train
-    mode and fp32 (mixed precision is DeepSpeed's business, and it wants fp32 master weights).
+def build_model(
+    model_name_or_path: str,
+    head: str = "span",
+    attn_implementation: str = "sdpa",
+    crf_tags: str = DEFAULT_TAGGING,
+) -> QAModel:
+    """A pretrained encoder (local directory or hub name; never remote code) with a fresh `head` (the CRF
+    head with the tag scheme `crf_tags`), in train mode and fp32 (mixed precision is DeepSpeed's
+    business, and it wants fp32 master weights).
     Raises what transformers raises for a model it cannot load (OSError, ValueError, ...)."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r} (choose from {', '.join(HEADS)})")
     encoder = load_encoder(model_name_or_path, attn_implementation)
     _drop_pooler(encoder)
-    return QAModel(encoder, head).train()
+    return QAModel(encoder, head, crf_tags).train()
 
 
 def load_encoder(model_name_or_path: str, attn_implementation: str = "sdpa", **kwargs: Any) -> nn.Module:
@@ -150,7 +162,8 @@ def _save_crf_model(model: QAModel, out: Path) -> None:
         encoder = compat.from_config(AutoModel, config, **compat.no_pooler_kwargs(config))
     encoder.load_state_dict(_fp32_state(model.encoder))
     compat.save_pretrained(encoder, str(out))
-    save_file({k: v.contiguous() for k, v in _fp32_state(model.head).items()}, str(out / CRF_HEAD_FILE))
+    weights = {k: v.contiguous() for k, v in _fp32_state(model.head).items()}
+    save_file(weights, str(out / CRF_HEAD_FILE), metadata={TAGGING_KEY: model.head.tagging.name})
 
 
 def from_pretrained(model_dir: str | Path, head: str, attn_implementation: str = "sdpa") -> QAModel:
@@ -165,6 +178,13 @@ def from_pretrained(model_dir: str | Path, head: str, attn_implementation: str =
     else:
         no_pooler = compat.no_pooler_kwargs(AutoConfig.from_pretrained(model_dir))
         encoder = compat.from_pretrained(AutoModel, model_dir, attn_implementation, **no_pooler)
-        model = QAModel(encoder, head)
-        model.head.load_state_dict(load_file(str(Path(model_dir) / CRF_HEAD_FILE)))
+        head_file = str(Path(model_dir) / CRF_HEAD_FILE)
+        model = QAModel(encoder, head, _saved_tagging(head_file))
+        model.head.load_state_dict(load_file(head_file))
     return model.eval()
+
+
+def _saved_tagging(head_file: str) -> str:
+    """The tag scheme a CRF head file was saved with; files from before schemes existed hold BIO weights."""
+    with safe_open(head_file, framework="pt") as f:
+        return (f.metadata() or {}).get(TAGGING_KEY, "bio")

@@ -477,9 +477,21 @@ class CRF(nn.Module):
 
     Emissions are [B, T, num_tags]; masks [B, T] (bool or 0/1) select a contiguous block of each row
     (any start, not only a prefix); ``mask=None`` means every position.
+
+    Hard constraints (AllenNLP's ``constraints``, applied in training as well as in decoding, as in the
+    Masked CRF of Wei et al. 2021): ``allowed_start`` [K], ``allowed_transitions`` [K, K] (from, to) and
+    ``allowed_end`` [K] (bool; None allows all) give a path through a forbidden entry probability 0 —
+    exactly pytorch-crf with those entries at -inf. They are kept as fixed -inf masks beside the
+    parameters, so that no optimizer step or weight decay ever touches a forbidden entry.
     """
 
-    def __init__(self, num_tags: int) -> None:
+    def __init__(
+        self,
+        num_tags: int,
+        allowed_start: Tensor | None = None,
+        allowed_transitions: Tensor | None = None,
+        allowed_end: Tensor | None = None,
+    ) -> None:
         if num_tags <= 0:
             raise ValueError(f"invalid number of tags: {num_tags}")
         super().__init__()
@@ -488,7 +500,18 @@ class CRF(nn.Module):
         self.start_transitions = nn.Parameter(torch.empty(num_tags))
         self.end_transitions = nn.Parameter(torch.empty(num_tags))
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
+        # not persistent: the constraints belong to the tag scheme that builds the CRF, not to its weights
+        for name, allowed, shape in (
+            ("start_mask", allowed_start, (num_tags,)),
+            ("transition_mask", allowed_transitions, (num_tags, num_tags)),
+            ("end_mask", allowed_end, (num_tags,)),
+        ):
+            self.register_buffer(name, _forbidding_mask(allowed, shape, name), persistent=False)
         self.reset_parameters()
+
+    @property
+    def constrained(self) -> bool:
+        return any(m is not None for m in (self.start_mask, self.transition_mask, self.end_mask))
 
     def reset_parameters(self) -> None:
         # pytorch-crf's initialisation
@@ -515,11 +538,15 @@ class CRF(nn.Module):
         return emissions, mask.bool()
 
     def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        # -inf transitions (hard constraints) become NEG so that the scan never sees inf - inf
-        return (
-            self.start_transitions.to(dtype).clamp(min=NEG),
-            self.end_transitions.to(dtype).clamp(min=NEG),
-            self.transitions.to(dtype).clamp(min=NEG),
+        # -inf transitions (hard constraints) become NEG so that the scan never sees inf - inf; a
+        # forbidden entry's parameter gets no gradient (the clamp's)
+        return tuple(
+            (param if mask is None else param + mask).to(dtype).clamp(min=NEG)
+            for param, mask in (
+                (self.start_transitions, self.start_mask),
+                (self.end_transitions, self.end_mask),
+                (self.transitions, self.transition_mask),
+            )
         )
 
     def _chain_inputs(self, emissions: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -667,6 +694,16 @@ class CRF(nn.Module):
             paths.append(flat[offset : offset + n])
             offset += n
         return paths
+
+
+def _forbidding_mask(allowed: Tensor | None, shape: tuple[int, ...], name: str) -> Tensor | None:
+    """0 where allowed, -inf where forbidden (None: no constraint)."""
+    if allowed is None:
+        return None
+    allowed = torch.as_tensor(allowed, dtype=torch.bool)
+    if tuple(allowed.shape) != shape:
+        raise ValueError(f"{name}: allowed entries must be {list(shape)}, got {list(allowed.shape)}")
+    return torch.zeros(shape).masked_fill_(~allowed, float("-inf"))
 
 
 def _argmax0(x: Tensor) -> Tensor:

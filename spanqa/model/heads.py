@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spanqa.model.crf import CRF, TAG_B, TAG_I, TAG_O
+from spanqa.model import CRF_TAGGINGS
+from spanqa.model.tagging import TAGGINGS
 
-NUM_BIO_TAGS = 3  # O, B, I (spanqa.model.crf.TAG_O/TAG_B/TAG_I)
+DEFAULT_TAGGING = CRF_TAGGINGS[0]
 
 
 def _init_linear(layer: nn.Linear, std: float) -> None:
@@ -70,16 +71,22 @@ def span_loss(
 
 
 class CRFHead(nn.Module):
-    """Emissions over BIO tags on the context tokens and a linear-chain CRF; the loss is the mean negative
-    log-likelihood of the gold tags (one B I* block, or all O for no answer)."""
+    """Emissions over the tags of a tag scheme (`spanqa.model.tagging`) on the context tokens and a
+    linear-chain CRF; the loss is the mean over windows of the negative log-likelihood of the gold tags
+    (one answer span, or no answer)."""
 
     name = "crf"
 
-    def __init__(self, hidden_size: int, initializer_range: float = 0.02) -> None:
+    def __init__(
+        self, hidden_size: int, initializer_range: float = 0.02, tags: str = DEFAULT_TAGGING
+    ) -> None:
         super().__init__()
-        self.emission = nn.Linear(hidden_size, NUM_BIO_TAGS)
+        if tags not in TAGGINGS:
+            raise ValueError(f"unknown CRF tag scheme {tags!r} (choose from {', '.join(TAGGINGS)})")
+        self.tagging = TAGGINGS[tags]
+        self.emission = nn.Linear(hidden_size, self.tagging.num_emissions)
         _init_linear(self.emission, initializer_range)
-        self.crf = CRF(NUM_BIO_TAGS)
+        self.crf = self.tagging.crf()
 
     def forward(
         self,
@@ -89,10 +96,10 @@ class CRFHead(nn.Module):
         start_positions: Tensor | None = None,
         end_positions: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        emissions = self.emission(hidden).float()
+        emissions = self.tagging.tag_emissions(self.emission(hidden).float())  # [B, L, num_tags]
         outputs = {"emissions": emissions}
         if start_positions is not None:
-            tags = bio_tags(start_positions, end_positions, context_mask)
+            tags = self.tagging.tags(start_positions, end_positions, context_mask)
             # The forward-algorithm sums must stay fp32 even inside an fp16/bf16 autocast region.
             with torch.autocast(device_type=emissions.device.type, enabled=False):
                 log_likelihood = self.crf(emissions, tags, context_mask.bool(), reduction="mean")
@@ -101,18 +108,8 @@ class CRFHead(nn.Module):
 
 
 def bio_tags(start_positions: Tensor, end_positions: Tensor, context_mask: Tensor) -> Tensor:
-    """BIO tags [B, T] (O=0, B=1, I=2) of each window's answer; start 0 (the CLS index) means all O.
-
-    Labels are trusted here (the window store checks them when it is opened): checking them per batch
-    would wait for the device at every step.
-    """
-    context = context_mask.bool()
-    length = context.shape[1]
-    starts = start_positions.long().view(-1, 1)
-    ends = end_positions.long().view(-1, 1)
-    positions = torch.arange(length, device=context.device).view(1, length)
-    inside = (starts <= positions) & (positions <= ends) & context & (starts > 0)
-    return torch.where(inside, torch.where(positions == starts, TAG_B, TAG_I), TAG_O)
+    """BIO tags [B, T] (O=0, B=1, I=2) of each window's answer; start 0 (the CLS index) means all O."""
+    return TAGGINGS["bio"].tags(start_positions, end_positions, context_mask)
 
 
 HEADS: dict[str, type[nn.Module]] = {"span": SpanHead, "crf": CRFHead}  # keys: HEAD_NAMES, in order

@@ -152,7 +152,7 @@ def build_engine(config: TrainConfig, ds_config: dict, schedule: Schedule, env: 
     # nothing that ran before (DeepSpeed also broadcasts rank 0's parameters)
     seed_everything(config.seed)
     try:
-        model = build_model(config.model, config.head)
+        model = build_model(config.model, config.head, crf_tags=config.crf_tags)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SpanqaError(f"--model {config.model}: cannot load the encoder: {io.first_line(err)}") from err
     if config.compile:

@@ -16,14 +16,25 @@ def is_decayed(name: str, param: torch.nn.Parameter) -> bool:
     return not (name.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered)
 
 
+def is_head(name: str) -> bool:
+    """Whether a parameter belongs to the answer head (QAModel.head) rather than the encoder."""
+    return name.startswith("head.")
+
+
 def make_optimizer(
     model: torch.nn.Module, settings: OptimizerSettings, device: torch.device
 ) -> torch.optim.AdamW:
+    """AdamW over four groups: encoder and head (`head.*`, at --head_lr_multiplier times the rate),
+    each with and without weight decay; the encoder's decayed group first (the one whose rate is logged)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": settings.weight_decay},
-        {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0},
-    ]
+    groups = []
+    for in_head, multiplier in ((False, 1.0), (True, settings.head_lr_multiplier)):
+        for decayed, decay in ((True, settings.weight_decay), (False, 0.0)):
+            params = [p for n, p in named if is_head(n) == in_head and is_decayed(n, p) == decayed]
+            if params:
+                groups.append(
+                    {"params": params, "weight_decay": decay, "lr": settings.learning_rate * multiplier}
+                )
     # fused=True runs one CUDA kernel for all parameters; torch's AdamW also means DeepSpeed builds
     # no FusedAdam of its own (which it would JIT-compile on CPU).
     return torch.optim.AdamW(

