@@ -67,7 +67,7 @@ def train_two_ranks(model: Path, data: dict[str, Path], out: Path, head: str) ->
         "--model", str(model), "--head", head,
         "--train_file", str(data["train"]), "--dev_file", str(data["dev"]),
         "--output_dir", str(out / "run"), "--cache_dir", str(out / "cache"),
-        "--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32",
+        "--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32",
         "--train_batch_size", "16", "--num_train_epochs", "0.2", "--eval_per_epoch", "1",
         "--learning_rate", "1e-3", "--warmup_steps", "2", "--logging_steps", "5", "--seed", "3",
     ]  # fmt: skip
@@ -90,10 +90,10 @@ def test_two_ranks_train_and_evaluate_on_mrqa_files(head, mrqa_sample, tiny_mode
     train_two_ranks(tiny_model, mrqa_sample, tmp_path, head)
     run = tmp_path / "run"
     report = json.loads((run / "eval" / "eval_report.json").read_text())
-    assert report["metric"] == "mrqa" and report["total"] == 258  # the dev sample's answerable questions
+    assert report["metric"] == "mrqa" and report["total"] == 261  # the dev sample's answerable questions
     assert not {"HasAns_f1", "NoAns_f1", "best_f1"} & report.keys()  # no unanswerable questions, no sweep
     predictions = json.loads((run / "eval" / "predictions.json").read_text())
-    assert len(predictions) == 258 and all(predictions.values())  # version_2_with_negative is off
+    assert len(predictions) == 261 and all(predictions.values())  # version_2_with_negative is off
     # the best model was picked by F1 (--eval_metric best_f1 means f1 on MRQA) and answers like it trained
     exported = json.loads((run / "best_model" / "spanqa_config.json").read_text())
     assert exported["answers"]["version_2_with_negative"] is False
@@ -122,4 +122,4 @@ def test_two_ranks_train_and_evaluate_on_mrqa_files(head, mrqa_sample, tiny_mode
     assert logged.data.params["world_size"] == "2" and logged.data.params["config.head"] == head
     assert logged.data.metrics["f1"] == pytest.approx(report["f1"])
     meta = json.loads(next((tmp_path / "cache").glob("dev.jsonl-*/meta.json")).read_text())
-    assert meta["source"]["format"] == "mrqa" and meta["validation"]["questions"] == 258
+    assert meta["source"]["format"] == "mrqa" and meta["validation"]["questions"] == 261

@@ -1,15 +1,19 @@
 """Cut the bundled demo sample out of real SQuAD v2.0 files (how spanqa/sample/*.json were made).
 
     python spanqa/sample/make_sample.py ../shared/data/squad2 spanqa/sample \\
-        --unanswerable_share 0.334 --dev_questions 500
+        --train_questions 2400 --unanswerable_share 0.334 --dev_questions 500 --dev_articles 18
 
-Whole paragraphs only. Dev: taken round-robin across the official dev set's articles until
---dev_questions, so it keeps every article's topics and the dev set's answerable/unanswerable mix (about
-half). Train: the official train set's first 10 articles hold few unanswerable questions (7.4%, against
-33.4% in the whole train set, all of them in 75 paragraphs of two articles), and a model trained on
-that mix learns to always answer. So every paragraph that has an unanswerable question is taken, then
-answerable-only paragraphs round-robin across the articles while the unanswerable share stays at or
-above --unanswerable_share: the sample's mix is the real train set's.
+Whole paragraphs only, never a question twice, and no article in both files.
+
+Dev: paragraphs round-robin across the official dev set's first --dev_articles articles until
+--dev_questions, so it keeps their topics and the dev set's answerable/unanswerable mix (about half).
+
+Train: a third of the real train set's questions are unanswerable, but the train file at hand (its first
+10 articles) holds only 348 of them (7.4%), too few for a sample of more than ~1,000 questions with the
+real mix. So the unanswerable questions come from the paragraphs that hold them, round-robin over the
+train file's articles and the dev set's other articles (after --dev_articles), until the sample has
+--unanswerable_share of --train_questions; then answerable-only paragraphs of the train file,
+round-robin, fill it up to --train_questions.
 """
 
 from __future__ import annotations
@@ -46,31 +50,32 @@ def take_round_robin(articles: list[dict], max_questions: int) -> list[list[dict
     return kept
 
 
-def take_with_share(articles: list[dict], share: float) -> list[list[dict]]:
-    """Every paragraph with an unanswerable question, then answerable-only ones round-robin while the
-    unanswerable share stays at or above `share`."""
-    kept = [[p for p in a["paragraphs"] if unanswerable(p)] for a in articles]
-    questions = sum(len(p["qas"]) for ps in kept for p in ps)
-    impossible = sum(unanswerable(p) for ps in kept for p in ps)
+def take_with_share(articles: list[dict], questions: int, share: float) -> list[list[dict]]:
+    """Paragraphs per article: ones with unanswerable questions round-robin until `share` of
+    `questions` are unanswerable, then answerable-only ones round-robin up to `questions`."""
+    kept = [[] for _ in articles]
+    impossible = taken = 0
     for i, paragraph in round_robin(articles):
-        if unanswerable(paragraph):
-            continue
-        if impossible / (questions + len(paragraph["qas"])) < share:
+        if unanswerable(paragraph) and impossible < share * questions:
+            kept[i].append(paragraph)
+            impossible += unanswerable(paragraph)
+            taken += len(paragraph["qas"])
+    for i, paragraph in round_robin(articles):
+        if taken >= questions:
             break
-        kept[i].append(paragraph)
-        questions += len(paragraph["qas"])
+        if not unanswerable(paragraph):
+            kept[i].append(paragraph)
+            taken += len(paragraph["qas"])
     # back in each article's own order
     return [
         sorted(ps, key=lambda p, a=a: a["paragraphs"].index(p)) for ps, a in zip(kept, articles, strict=True)
     ]
 
 
-def write_sample(source: dict, kept: list[list[dict]], out: Path) -> tuple[int, int]:
-    articles = [
-        {"title": a["title"], "paragraphs": ps} for a, ps in zip(source["data"], kept, strict=True) if ps
-    ]
-    write_text(out, json.dumps({"version": source["version"], "data": articles}, ensure_ascii=False))
-    paragraphs = [p for a in articles for p in a["paragraphs"]]
+def write_sample(version: str, articles: list[dict], kept: list[list[dict]], out: Path) -> tuple[int, int]:
+    chosen = [{"title": a["title"], "paragraphs": ps} for a, ps in zip(articles, kept, strict=True) if ps]
+    write_text(out, json.dumps({"version": version, "data": chosen}, ensure_ascii=False))
+    paragraphs = [p for a in chosen for p in a["paragraphs"]]
     return sum(len(p["qas"]) for p in paragraphs), sum(unanswerable(p) for p in paragraphs)
 
 
@@ -78,16 +83,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("squad_dir", type=Path, help="folder with the SQuAD v2.0 source files")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--train_questions", type=int, default=2400)
     parser.add_argument("--unanswerable_share", type=float, default=0.334, help="of the train sample")
     parser.add_argument("--dev_questions", type=int, default=500)
+    parser.add_argument(
+        "--dev_articles", type=int, default=18, help="dev articles the dev sample is cut from"
+    )
     args = parser.parse_args()
     train = json.loads((args.squad_dir / "train-v2.0.first10articles.json").read_text(encoding="utf-8"))
     dev = json.loads((args.squad_dir / "dev-v2.0.json").read_text(encoding="utf-8"))
-    n, u = write_sample(
-        train, take_with_share(train["data"], args.unanswerable_share), args.out_dir / "train.json"
-    )
+    dev_part, train_part = dev["data"][: args.dev_articles], dev["data"][args.dev_articles :]
+    pool = train["data"] + train_part
+    kept = take_with_share(pool, args.train_questions, args.unanswerable_share)
+    n, u = write_sample(train["version"], pool, kept, args.out_dir / "train.json")
     print(f"train.json: {n} questions, {u} unanswerable ({100 * u / n:.1f}%)")
-    n, u = write_sample(dev, take_round_robin(dev["data"], args.dev_questions), args.out_dir / "dev.json")
+    kept = take_round_robin(dev_part, args.dev_questions)
+    n, u = write_sample(dev["version"], dev_part, kept, args.out_dir / "dev.json")
     print(f"dev.json: {n} questions, {u} unanswerable ({100 * u / n:.1f}%)")
 
 
