@@ -34,7 +34,7 @@ def predictions(wrong: list[str]) -> tuple[dict, dict]:
 def log_run(root: Path, tag: str, head: str, seed: int, wrong: list[str] | None) -> str:
     out = root / f"{tag}-{head}-{seed}"
     tracker = make_tracker(0, out, run_name=f"{head}-{seed}", tags={"spanqa.tag": tag})
-    windows = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32}
+    windows = {"max_seq_length": 128, "doc_stride": None, "doc_overlap": 32, "max_query_length": 32}
     answers = {"version_2_with_negative": True, "null_score_diff_threshold": 0.0}
     config = {"head": head, "seed": seed, "eval_metric": "best_f1", "model": str(minilm_dir())}
     tracker.log_params({"config": {**config, "windows": windows, "answers": answers}})
@@ -82,6 +82,7 @@ def test_two_heads_that_differ_on_known_questions(store, capsys, tmp_path):
     code, out, err = compare(capsys, store, "heads", "--json", "--out", str(tmp_path / "cmp"))
     assert code == 0, err
     result = json.loads(out)["comparison"]
+    assert result is not None, err
     (pair,) = result["pairs"]
     assert (pair["a"], pair["b"]) == ("crf", "span")  # the table's order: by head
     assert pair["all"]["exact"]["difference"] == pytest.approx(-6 / N)

@@ -36,7 +36,13 @@ def entries_by_head(runs: list[RunEval]) -> list[Entry]:
     heads: dict[str, list[RunEval]] = {}
     for run in runs:
         heads.setdefault(run.head or run.label, []).append(run)
-    return [Entry(head, members) for head, members in heads.items()]
+    # each head's runs in seed order, whatever order they finished in
+    return [Entry(head, sorted(members, key=_seed_order)) for head, members in heads.items()]
+
+
+def _seed_order(run: RunEval) -> tuple:
+    seed = run.seed or ""
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
 
 
 def entries_by_run(runs: list[RunEval]) -> list[Entry]:

@@ -119,6 +119,9 @@ def window_settings(run_id: str, params: dict) -> WindowSettings:
     values = {}
     for name in WindowSettings().as_dict():
         value = params.get(f"config.windows.{name}")
+        if value == "null" and name in WindowSettings.ALTERNATIVES:  # the one of the pair not given
+            values[name] = None
+            continue
         if value is None or not value.isdigit():
             raise SpanqaError(
                 f"run {run_id}: param config.windows.{name} is {value!r}, not a number of tokens"
@@ -134,8 +137,8 @@ def null_threshold(params: dict, report: dict) -> float:
         return math.inf
     if "tuned_threshold" in report:
         return float(report["tuned_threshold"])
-    given = params.get("config.answers.null_score_diff_threshold", "None")
-    return 0.0 if given == "None" else float(given)
+    given = params.get("config.answers.null_score_diff_threshold", "null")
+    return 0.0 if given == "null" else float(given)  # params are JSON text: None is "null"
 
 
 def _scored_answer(qid: str, predictions: dict, odds: dict | None, threshold: float) -> str | None:
