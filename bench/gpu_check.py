@@ -202,7 +202,7 @@ def throughput(check: Check) -> None:
             work = check.scratch / f"throughput-{dtype}-{head}"
             command = [check.python, str(REPO / "bench" / "throughput.py"), "--json", "--work_dir", str(work)]
             command += throughput_sizes(check.dry_run) + ["--dtype", dtype, "--head", head]
-            command += ["--store", str(stores["384"]), "--max_seq_length", "384", "--doc_stride", "128"]
+            command += ["--store", str(stores["384"]), "--max_seq_length", "384", "--doc_overlap", "128"]
             if check.run("throughput", command, log):
                 runs.append(last_json(log))
     stats = {length: store_counts(path) for length, path in stores.items()}

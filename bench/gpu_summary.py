@@ -105,11 +105,12 @@ def demo_figures(out: Path, wall_seconds: float) -> dict:
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     seconds = train_seconds(out)
-    epochs = train[-1]["epoch"]
+    # a run cut short by --max_steps (the dry run) may stop before its first logged loss
+    epochs, steps = report["epoch"], report["step"]
     names = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "best_f1", "raw_exact", "total")
     figures = {name: report[name] for name in names if name in report}
     figures.update(
-        epochs=epochs, steps=train[-1]["step"], final_loss=train[-1]["loss"], train_seconds=seconds,
+        epochs=epochs, steps=steps, final_loss=train[-1]["loss"] if train else None, train_seconds=seconds,
         seconds_per_epoch=seconds / epochs if seconds is not None and epochs else None,
         wall_seconds=wall_seconds, cpu_demo=CPU_DEMO,
     )  # fmt: skip

@@ -171,7 +171,7 @@ def train_flags(model: Path, cache: Path, out: Path, ds_config: str, *extra: str
 
     return [
         "--model", str(model), "--train_file", str(FIXTURE), "--output_dir", str(out),
-        "--cache_dir", str(cache), "--max_seq_length", "128", "--doc_stride", "32",
+        "--cache_dir", str(cache), "--max_seq_length", "128", "--doc_overlap", "32",
         "--max_query_length", "32", "--train_batch_size", "8", "--num_train_epochs", "3",
         "--learning_rate", "5e-4", "--warmup_steps", "3", "--logging_steps", "1", "--seed", "5",
         "--deepspeed_config", str(shipped_config_path(ds_config)), *extra,

@@ -41,17 +41,17 @@ def fixture_questions(count: int = 12) -> list[dict]:
 
 
 def spanqa_predict(model_dir: Path, rows: list[dict], tmp: Path) -> dict:
-    """`spanqa predict --input` on `rows`, the real command line."""
+    """`spanqa predict --input` on `rows`, the real command line: its --details records by id."""
     questions = tmp / "questions.jsonl"
     questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp / "predictions.json"
+    details = tmp / "details.json"
     done = subprocess.run(
         [sys.executable, "-m", "spanqa.cli", "predict", "--model", str(model_dir), "--input", str(questions)]
-        + ["--output", str(out), "--device", "cpu"],
+        + ["--output", str(tmp / "predictions.json"), "--details", str(details), "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(details.read_text())
 
 
 def assert_same_answers(records: list[dict], expected: dict, rows: list[dict]) -> None:
@@ -158,7 +158,7 @@ def trained_run(tmp_path_factory):
     flags = [
         "--model", str(model), "--train_file", str(FIXTURE), "--dev_file", str(FIXTURE),
         "--output_dir", str(out), "--cache_dir", str(work / "cache"),
-        "--max_seq_length", "128", "--doc_stride", "32", "--max_query_length", "32",
+        "--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32",
         "--train_batch_size", "8", "--num_train_epochs", "1", "--learning_rate", "1e-3",
         "--warmup_steps", "2", "--seed", "7", "--null_score_diff_threshold", "3",
         "--register_model", REGISTERED,

@@ -164,8 +164,10 @@ def windows_line(result: dict[str, Any]) -> str:
     """The windows-per-question figure: mean, spread and the share of questions cut into several."""
     d, s = result["distributions"]["windows_per_example"], result["settings"]
     several = result["examples_with_several_windows"] / max(1, result["examples"])
+    # windows are given by their overlap or (run_squad.py's way) by the step between their starts
+    cut = f"overlap {s['doc_overlap']}" if s.get("doc_overlap") is not None else f"stride {s['doc_stride']}"
     return (
-        f"windows per question at {s['max_seq_length']}/{s['doc_stride']}: mean {d['mean']:.2f}, "
+        f"windows per question at {s['max_seq_length']} tokens, {cut}: mean {d['mean']:.2f}, "
         f"p50 {d['p50']:.0f}, p99 {d['p99']:.0f}, max {d['max']} ({result['windows']:,} windows for "
         f"{result['examples']:,} questions; {100 * several:.1f}% of questions have several)"
     )
