@@ -43,30 +43,6 @@ def context(*qas: dict, text: str = CONTEXT) -> dict:
     return {"context": text, "qas": list(qas)}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The bundled SQuAD v2 sample converted with the CLI: {"train": path, "dev": path}."""
-    out = tmp_path_factory.mktemp("converted")
-    paths = {}
-    for name in ("train", "dev"):
-        paths[name] = out / f"{name}.jsonl.gz"
-        assert (
-            cli(
-                [
-                    "convert",
-                    "--to",
-                    "mrqa",
-                    "--data_file",
-                    str(SAMPLE / f"{name}.json"),
-                    "--out",
-                    str(paths[name]),
-                ]
-            )
-            == 0
-        )
-    return paths
-
-
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -205,10 +181,10 @@ def windows_of(examples, tokenizer, settings) -> WindowArrays:
     return build_windows(examples, tokenizer, WindowSettings(**settings))
 
 
-def test_converted_sample_keeps_every_answerable_question(converted):
+def test_converted_sample_keeps_every_answerable_question(mrqa_sample):
     for name in ("train", "dev"):
         squad = [ex for ex in load_squad(SAMPLE / f"{name}.json")[0] if not ex.is_impossible]
-        mrqa = load_examples(converted[name]).examples
+        mrqa = load_examples(mrqa_sample[name]).examples
         assert [ex.id for ex in mrqa] == [ex.id for ex in squad] and len(mrqa) > 200
         assert [(ex.question, ex.context) for ex in mrqa] == [(ex.question, ex.context) for ex in squad]
         # the same answer spans, in context order (SQuAD keeps the crowd's order and repeats)
@@ -219,9 +195,11 @@ def test_converted_sample_keeps_every_answerable_question(converted):
 
 
 @pytest.mark.parametrize("name", ["train", "dev"])
-def test_converted_sample_gives_the_same_windows_and_labels(name, converted, minilm_tokenizer, tiny_settings):
+def test_converted_sample_gives_the_same_windows_and_labels(
+    name, mrqa_sample, minilm_tokenizer, tiny_settings
+):
     squad = [ex for ex in load_squad(SAMPLE / f"{name}.json")[0] if not ex.is_impossible]
-    mrqa = load_examples(converted[name]).examples
+    mrqa = load_examples(mrqa_sample[name]).examples
     a, b = (
         windows_of(squad, minilm_tokenizer, tiny_settings),
         windows_of(mrqa, minilm_tokenizer, tiny_settings),
@@ -244,7 +222,7 @@ def test_converted_sample_gives_the_same_windows_and_labels(name, converted, min
     assert a.stats["windows_with_answer"] > 0.5 * len(mrqa)
 
 
-def test_converted_sample_scores_the_same_as_squad_v1(converted, tmp_path, capsys):
+def test_converted_sample_scores_the_same_as_squad_v1(mrqa_sample, tmp_path, capsys):
     """The same predictions score the same on the MRQA file (mrqa_official_eval) as on the SQuAD file's
     answerable questions saved as v1.1 (evaluate-v1.1): both are max over the same golds."""
     doc = json.loads((SAMPLE / "dev.json").read_text())
@@ -268,7 +246,7 @@ def test_converted_sample_scores_the_same_as_squad_v1(converted, tmp_path, capsy
     preds = tmp_path / "predictions.json"
     preds.write_text(json.dumps(predictions))
     reports = []
-    for data in (v1, converted["dev"]):
+    for data in (v1, mrqa_sample["dev"]):
         assert cli(["evaluate", "--data_file", str(data), "--predictions", str(preds)]) == 0
         reports.append(json.loads(capsys.readouterr().out))
     squad_report, mrqa_report = reports
@@ -280,7 +258,7 @@ def test_converted_sample_scores_the_same_as_squad_v1(converted, tmp_path, capsy
     assert 10 < squad_report["exact"] < 40 and squad_report["f1"] > squad_report["exact"]
 
 
-def test_convert_refuses_to_overwrite_and_mrqa_input(converted, tmp_path, capsys):
+def test_convert_refuses_to_overwrite_and_mrqa_input(mrqa_sample, tmp_path, capsys):
     existing = tmp_path / "mine.jsonl.gz"
     existing.write_text("the user's file")
     assert (
@@ -289,14 +267,14 @@ def test_convert_refuses_to_overwrite_and_mrqa_input(converted, tmp_path, capsys
     assert "exists; spanqa does not overwrite it" in capsys.readouterr().err
     assert existing.read_text() == "the user's file"
     out = tmp_path / "again.jsonl.gz"
-    assert cli(["convert", "--to", "mrqa", "--data_file", str(converted["dev"]), "--out", str(out)]) == 2
+    assert cli(["convert", "--to", "mrqa", "--data_file", str(mrqa_sample["dev"]), "--out", str(out)]) == 2
     assert "is MRQA already" in capsys.readouterr().err and not out.exists()
 
 
-def test_convert_is_reproducible(converted, tmp_path):
+def test_convert_is_reproducible(mrqa_sample, tmp_path):
     again = tmp_path / "dev.jsonl.gz"
     assert cli(["convert", "--to", "mrqa", "--data_file", str(SAMPLE / "dev.json"), "--out", str(again)]) == 0
-    assert again.read_bytes() == converted["dev"].read_bytes()
+    assert again.read_bytes() == mrqa_sample["dev"].read_bytes()
 
 
 def test_parse_mrqa_returns_the_header():
@@ -305,11 +283,11 @@ def test_parse_mrqa_returns_the_header():
     assert header == HEADER["header"] and len(examples) == report.questions == 1
 
 
-def test_prepare_records_format_and_metric(converted, tmp_path, minilm_tokenizer, tiny_settings):
+def test_prepare_records_format_and_metric(mrqa_sample, tmp_path, minilm_tokenizer, tiny_settings):
     from spanqa.data.prepare import prepare
 
     store = prepare(
-        converted["dev"], minilm_tokenizer, tmp_path / "s", WindowSettings(**tiny_settings), progress=False
+        mrqa_sample["dev"], minilm_tokenizer, tmp_path / "s", WindowSettings(**tiny_settings), progress=False
     )
     assert store.meta["source"]["format"] == "mrqa" and store.meta["source"]["metric"] == "mrqa"
     squad = prepare(
@@ -318,15 +296,23 @@ def test_prepare_records_format_and_metric(converted, tmp_path, minilm_tokenizer
     assert squad.meta["source"]["format"] == "squad" and squad.meta["source"]["metric"] == "squad-v2.0"
 
 
-def test_stats_of_an_mrqa_file_shows_windows_per_question(converted, tmp_path, capsys, minilm_tokenizer):
+def test_stats_of_an_mrqa_file_shows_windows_per_question(mrqa_sample, tmp_path, capsys, minilm_tokenizer):
     from spanqa.testing import minilm_dir
 
     flags = ["--max_seq_length", "128", "--doc_overlap", "32", "--max_query_length", "32"]
-    argv = ["stats", str(converted["dev"]), "--tokenizer", str(minilm_dir()), "--out", str(tmp_path), *flags]
+    argv = [
+        "stats",
+        str(mrqa_sample["dev"]),
+        "--tokenizer",
+        str(minilm_dir()),
+        "--out",
+        str(tmp_path),
+        *flags,
+    ]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     stats = json.loads((tmp_path / "stats.json").read_text())
-    examples = load_examples(converted["dev"]).examples
+    examples = load_examples(mrqa_sample["dev"]).examples
     windows = build_windows(
         examples, minilm_tokenizer, WindowSettings(max_seq_length=128, doc_overlap=32, max_query_length=32)
     )

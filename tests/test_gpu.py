@@ -149,18 +149,6 @@ def test_fused_crf_equals_float64_on_the_cpu():
 # groups in module globals, so a second engine in one process would meet the first one's groups.
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from spanqa.testing import tiny_bert_dir
-
-    return tiny_bert_dir(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def mlflow_env(where: Path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": (where / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
 

@@ -22,7 +22,6 @@ from runs import (
     mlflow_client,
     mlflow_losses,
     mlflow_runs,
-    no_dropout_copy,
     one_process_command,
     run,
     start,
@@ -33,23 +32,6 @@ from runs import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from spanqa.testing import tiny_bert_dir
-
-    return tiny_bert_dir(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_no_dropout(tiny_model, tmp_path_factory) -> Path:
-    return no_dropout_copy(tiny_model, tmp_path_factory.mktemp("model") / "tiny-bert-no-dropout")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def one_process(flags: list[str], mlflow_db: Path) -> subprocess.CompletedProcess:

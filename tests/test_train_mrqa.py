@@ -8,56 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from runs import free_port
 
 from spanqa.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "spanqa" / "sample"
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def mrqa_sample(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("mrqa-sample")
-    files = {}
-    for name in ("train", "dev"):
-        files[name] = out / f"{name}.jsonl.gz"
-        assert (
-            cli(
-                [
-                    "convert",
-                    "--to",
-                    "mrqa",
-                    "--data_file",
-                    str(SAMPLE / f"{name}.json"),
-                    "--out",
-                    str(files[name]),
-                ]
-            )
-            == 0
-        )
-    return files
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from spanqa.testing import tiny_bert_dir
-
-    return tiny_bert_dir(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_two_ranks(model: Path, data: dict[str, Path], out: Path, head: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,6 @@ from runs import (
     deepspeed_command,
     mlflow_losses,
     mlflow_runs,
-    no_dropout_copy,
     one_process_command,
     run,
     start,
@@ -31,27 +30,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from spanqa.testing import tiny_bert_dir
-
-    return tiny_bert_dir(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def steady_model(tiny_model, tmp_path_factory) -> Path:
-    return no_dropout_copy(tiny_model, tmp_path_factory.mktemp("model") / "no-dropout")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(steady_model, cache, tmp_path_factory) -> dict[int, float]:
+def uninterrupted(tiny_model_no_dropout, cache_dir, tmp_path_factory) -> dict[int, float]:
     """Two ranks, six steps, no stop: the losses every other way of getting there must match."""
     work = tmp_path_factory.mktemp("uninterrupted")
-    run(deepspeed_command(train_flags(steady_model, cache, work / "out", "--max_steps", "6")), work / "m.db")
+    run(
+        deepspeed_command(train_flags(tiny_model_no_dropout, cache_dir, work / "out", "--max_steps", "6")),
+        work / "m.db",
+    )
     return train_losses(work / "out")
 
 
@@ -60,7 +45,9 @@ def uninterrupted(steady_model, cache, tmp_path_factory) -> dict[int, float]:
     [((2, 1), (1, 2)), ((1, 2), (2, 1))],
     ids=["2-ranks-then-1-rank-x-accumulation-2", "1-rank-x-accumulation-2-then-2-ranks"],
 )
-def test_a_run_resumes_on_another_world_size(steady_model, cache, tmp_path, uninterrupted, first, then):
+def test_a_run_resumes_on_another_world_size(
+    tiny_model_no_dropout, cache_dir, tmp_path, uninterrupted, first, then
+):
     """The order of optimizer steps depends only on --train_batch_size and the seed: 2 ranks x
     accumulation 1 and 1 rank x accumulation 2 see the same windows at every step, and a checkpoint of
     one continues on the other (ZeRO stage 0: the optimizer state is whole)."""
@@ -68,7 +55,7 @@ def test_a_run_resumes_on_another_world_size(steady_model, cache, tmp_path, unin
 
     def command(ranks: int, accumulation: int, *extra: str) -> list[str]:
         flags = train_flags(
-            steady_model, cache, out, "--gradient_accumulation_steps", str(accumulation), *extra
+            tiny_model_no_dropout, cache_dir, out, "--gradient_accumulation_steps", str(accumulation), *extra
         )
         return deepspeed_command(flags) if ranks == 2 else one_process_command(flags)
 
@@ -80,12 +67,12 @@ def test_a_run_resumes_on_another_world_size(steady_model, cache, tmp_path, unin
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
 
 
-def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_model, cache, tmp_path):
+def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_model, cache_dir, tmp_path):
     """kill -9 of both ranks (and the launcher) at a random step after a checkpoint, then --resume auto:
     MLflow's loss history is train_log.jsonl's, point for point, none twice, none missing."""
     out, db = tmp_path / "out", tmp_path / "m.db"
     kill_after = random.Random(20261201).randint(4, 8)  # reproducible, and past the checkpoint at step 3
-    flags = train_flags(tiny_model, cache, out, "--eval_steps", "3", "--resume", "auto")
+    flags = train_flags(tiny_model, cache_dir, out, "--eval_steps", "3", "--resume", "auto")
     training = start(deepspeed_command(flags), db)
     try:
         wait_for_steps(out, kill_after, training)
@@ -101,9 +88,9 @@ def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_mo
     assert only_run.info.status == "FINISHED"
 
 
-def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_model, cache, tmp_path):
+def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_model, cache_dir, tmp_path):
     out, db = tmp_path / "out", tmp_path / "m.db"
-    training = start(one_process_command(train_flags(tiny_model, cache, out)), db)
+    training = start(one_process_command(train_flags(tiny_model, cache_dir, out)), db)
     wait_for_steps(out, 2, training)
     training.send_signal(signal.SIGINT)
     _, stderr = training.communicate(timeout=240)
@@ -115,10 +102,10 @@ def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_mode
     assert only_run.info.status == "KILLED"
 
 
-def test_ranks_stop_and_save_when_the_deepspeed_launcher_is_killed(tiny_model, cache, tmp_path):
+def test_ranks_stop_and_save_when_the_deepspeed_launcher_is_killed(tiny_model, cache_dir, tmp_path):
     """SIGTERM to the `deepspeed` command ends it at once; its ranks notice and stop as on SIGTERM."""
     out, db = tmp_path / "out", tmp_path / "m.db"
-    training = start(deepspeed_command(train_flags(tiny_model, cache, out)), db)
+    training = start(deepspeed_command(train_flags(tiny_model, cache_dir, out)), db)
     wait_for_steps(out, 2, training)
     ranks = [
         int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank_of(int(p.name), out)
@@ -150,20 +137,22 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def test_a_stop_inside_a_logging_window_logs_the_same_window(tiny_model, cache, tmp_path):
+def test_a_stop_inside_a_logging_window_logs_the_same_window(tiny_model, cache_dir, tmp_path):
     """Logging every 4 steps, stopped at step 6: the resumed run's step-8 loss covers steps 5-8, like an
     uninterrupted run's (it was the mean of steps 7-8 only: the stop's open window is in its checkpoint)."""
     db = tmp_path / "m.db"
     logging = ("--logging_steps", "4")
     run(
-        one_process_command(train_flags(tiny_model, cache, tmp_path / "whole", *logging, "--max_steps", "8")),
+        one_process_command(
+            train_flags(tiny_model, cache_dir, tmp_path / "whole", *logging, "--max_steps", "8")
+        ),
         db,
     )
     out = tmp_path / "out"
-    run(one_process_command(train_flags(tiny_model, cache, out, *logging, "--max_steps", "6")), db)
+    run(one_process_command(train_flags(tiny_model, cache_dir, out, *logging, "--max_steps", "6")), db)
     run(
         one_process_command(
-            train_flags(tiny_model, cache, out, *logging, "--max_steps", "8", "--resume", "auto")
+            train_flags(tiny_model, cache_dir, out, *logging, "--max_steps", "8", "--resume", "auto")
         ),
         db,
     )
@@ -172,40 +161,44 @@ def test_a_stop_inside_a_logging_window_logs_the_same_window(tiny_model, cache, 
     assert resumed[8] == pytest.approx(whole[8], rel=1e-9)
 
 
-def test_evaluating_more_often_does_not_change_training(tiny_model, cache, tmp_path):
+def test_evaluating_more_often_does_not_change_training(tiny_model, cache_dir, tmp_path):
     """With dropout on: nothing outside the training step (evaluation, the best model's export) draws from
     its random streams."""
     db = tmp_path / "m.db"
-    run(one_process_command(train_flags(tiny_model, cache, tmp_path / "rare", "--max_steps", "8")), db)
-    often = train_flags(tiny_model, cache, tmp_path / "often", "--max_steps", "8", "--eval_steps", "2")
+    run(one_process_command(train_flags(tiny_model, cache_dir, tmp_path / "rare", "--max_steps", "8")), db)
+    often = train_flags(tiny_model, cache_dir, tmp_path / "often", "--max_steps", "8", "--eval_steps", "2")
     run(one_process_command(often), db)
     assert train_losses(tmp_path / "rare") == train_losses(tmp_path / "often")
 
 
-def test_a_fresh_run_never_joins_the_run_a_directory_holds(tiny_model, cache, tmp_path):
+def test_a_fresh_run_never_joins_the_run_a_directory_holds(tiny_model, cache_dir, tmp_path):
     out, db = tmp_path / "out", tmp_path / "m.db"
-    run(one_process_command(train_flags(tiny_model, cache, out, "--max_steps", "2")), db)
+    run(one_process_command(train_flags(tiny_model, cache_dir, out, "--max_steps", "2")), db)
     (out / "notes.txt").write_text("the user's, not spanqa's")
-    refused = run(one_process_command(train_flags(tiny_model, cache, out, "--max_steps", "2")), db, ok=False)
+    refused = run(
+        one_process_command(train_flags(tiny_model, cache_dir, out, "--max_steps", "2")), db, ok=False
+    )
     assert refused.returncode == 2
     line = refused.stderr.strip().splitlines()[-1]
     assert (
         f"{out} holds a run already" in line and "--resume auto" in line and "--overwrite_output_dir" in line
     )
     run_ids = {r.info.run_id for r in mlflow_runs(db)}
-    flags = train_flags(tiny_model, cache, out, "--max_steps", "2", "--overwrite_output_dir")
+    flags = train_flags(tiny_model, cache_dir, out, "--max_steps", "2", "--overwrite_output_dir")
     run(one_process_command(flags), db)
     assert (out / "notes.txt").read_text() == "the user's, not spanqa's"
     assert len({r.info.run_id for r in mlflow_runs(db)} - run_ids) == 1  # a new MLflow run, not the old one
 
 
-def test_a_second_job_into_a_busy_directory_is_refused_naming_the_holder(tiny_model, cache, tmp_path):
+def test_a_second_job_into_a_busy_directory_is_refused_naming_the_holder(tiny_model, cache_dir, tmp_path):
     out, db = tmp_path / "out", tmp_path / "m.db"
-    first = start(one_process_command(train_flags(tiny_model, cache, out, "--num_train_epochs", "30")), db)
+    first = start(
+        one_process_command(train_flags(tiny_model, cache_dir, out, "--num_train_epochs", "30")), db
+    )
     try:
         wait_for_steps(out, 1, first)
         second = run(
-            one_process_command(train_flags(tiny_model, cache, out, "--resume", "auto")), db, ok=False
+            one_process_command(train_flags(tiny_model, cache_dir, out, "--resume", "auto")), db, ok=False
         )
     finally:
         first.send_signal(signal.SIGTERM)
