@@ -55,6 +55,17 @@ def test_spanbert_preset_and_explicit_flags_override_it(tmp_path):
     assert (config.optimizer.learning_rate, config.train_batch_size, config.head) == (1e-5, 32, "crf")
 
 
+@pytest.mark.parametrize("preset", [None, *preset_names()])
+def test_head_rate_and_crf_tags_default_per_head_and_an_explicit_flag_wins(tmp_path, preset):
+    chosen = ("--preset", preset) if preset else ()
+    span = parse_train_args(flags(tmp_path, *chosen, "--head", "span"))
+    crf = parse_train_args(flags(tmp_path, *chosen, "--head", "crf"))
+    assert (span.optimizer.head_lr_multiplier, crf.optimizer.head_lr_multiplier) == (1.0, 30.0)
+    assert crf.crf_tags == "span"
+    given = parse_train_args(flags(tmp_path, *chosen, "--head", "crf", "--head_lr_multiplier", "1"))
+    assert given.optimizer.head_lr_multiplier == 1.0
+
+
 def test_explicit_warmup_proportion_replaces_the_presets_warmup_steps(tmp_path):
     config = parse_train_args(flags(tmp_path, "--preset", "reference", "--warmup_proportion", "0.2"))
     assert config.optimizer.warmup_steps is None and config.optimizer.warmup_proportion == 0.2

@@ -7,9 +7,9 @@ A window's answer is a path (before)* B I* (after)* over its context tokens; no 
   after an O, take probability too, and an answer competes with all of them.
 - ``bio_masked``: O, B, I with the BIO constraints (no I after O or at the start; AllenNLP's
   `allowed_transitions("BIO")`), applied in training as in decoding (Masked CRF): several spans remain.
-- ``span``: O-before, B, I, O-after, constrained so that the only paths are "no answer" (O-before
-  throughout) and exactly one span: the CRF's distribution is then a distribution over the window's
-  answers, null included, as the span head's softmax is.
+- ``span`` (the default): O-before, B, I, O-after, constrained so that the only paths are "no answer"
+  (O-before throughout) and exactly one span: the CRF's distribution is then a distribution over the
+  window's answers, null included, as the span head's softmax is.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over four groups: encoder and head (`head.*`, at --head_lr_multiplier times the rate),
     each with and without weight decay; the encoder's decayed group first (the one whose rate is logged)."""
+    if settings.head_lr_multiplier is None:  # TrainConfig resolves it from the head
+        raise ValueError("make_optimizer: head_lr_multiplier is not resolved (TrainConfig does it per head)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = []
     for in_head, multiplier in ((False, 1.0), (True, settings.head_lr_multiplier)):
