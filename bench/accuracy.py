@@ -8,7 +8,7 @@ deepspeed launcher on two CPU ranks (gloo), exactly as the README's commands; th
 final evaluation's (after the last step), scored by spanqa's SQuAD v2 metric at null threshold 0, and
 best_f1 at the dev-best threshold, beside the always-no-answer baseline scored by the same metric.
 
-    python bench/accuracy.py                    # the table (about an hour on two cores)
+    python bench/accuracy.py                    # the table (46 minutes on two cores)
     python bench/accuracy.py --json             # ... then one line {"span": {...}, "crf": {...}}
     python bench/accuracy.py --epochs 1 --questions 2000 --dev_questions 500   # a cheaper setting
     python bench/accuracy.py --heads crf -- --crf_tags bio   # flags after -- go to every run

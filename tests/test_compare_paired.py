@@ -172,3 +172,13 @@ def test_runs_that_cannot_be_paired(store, capsys, tmp_path):
     assert code == 2 and "--runs: no MLflow run 'nope'" in err
     code, _, err = compare(capsys, store, "heads", "--runs", store["span"])
     assert code == 2 and "give a TAG or --runs" in err
+
+
+def test_breakdown_columns_of_runs_named_alike_stay_apart():
+    from spanqa.eval.breakdown import format_breakdowns
+
+    cell = {"n": 1, "exact": 100.0, "f1": 100.0}
+    names = ("bench/accuracy.py crf", "bench/accuracy.py span")
+    by_run = {name: {"answerable": {"HasAns": cell}} for name in names}
+    header = format_breakdowns(by_run).splitlines()[0]
+    assert header.split()[2:] == ["…h/accuracy.py", "crf", "…/accuracy.py", "span"], header

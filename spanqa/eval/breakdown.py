@@ -95,13 +95,20 @@ def breakdown(buckets: Mapping[str, list[str]], exact: np.ndarray, f1: np.ndarra
     return out
 
 
+def column_label(label: str, width: int = 18) -> str:
+    """A run's name cut to its column: its end kept, where names that share a prefix differ
+    ("bench/accuracy.py crf" and "bench/accuracy.py span")."""
+    return label if len(label) <= width else "…" + label[-(width - 1) :]
+
+
 def format_breakdowns(by_run: Mapping[str, dict]) -> str:
     """One table per dimension: a row per bucket, its question count, then EM / F1 for each run."""
     labels = list(by_run)
     first = by_run[labels[0]]
     lines = []
     for dimension in first:
-        lines += ["", f"{dimension:<14}{'n':>6}" + "".join(f"  {label[:18]:>18}" for label in labels)]
+        columns = "".join(f"  {column_label(label):>18}" for label in labels)
+        lines += ["", f"{dimension:<14}{'n':>6}{columns}"]
         for name, row in first[dimension].items():
             cells = [by_run[label][dimension][name] for label in labels]
             figures = "".join(f"  {cell['exact']:>10.1f} /{cell['f1']:>5.1f}" for cell in cells)
