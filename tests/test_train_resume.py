@@ -72,7 +72,12 @@ def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_mo
     MLflow's loss history is train_log.jsonl's, point for point, none twice, none missing."""
     out, db = tmp_path / "out", tmp_path / "m.db"
     kill_after = random.Random(20261201).randint(4, 8)  # reproducible, and past the checkpoint at step 3
-    flags = train_flags(tiny_model, cache_dir, out, "--eval_steps", "3", "--resume", "auto")
+    # Three epochs: the kill lands long before the run's end on any machine (a finished run removes
+    # its checkpoints, and a fast machine runs a tenth of a second per step).
+    epochs = 3
+    flags = train_flags(
+        tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--eval_steps", "3", "--resume", "auto"
+    )
     training = start(deepspeed_command(flags), db)
     try:
         wait_for_steps(out, kill_after, training)
@@ -82,7 +87,7 @@ def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_mo
     assert (out / "checkpoints" / "step-00000003" / "complete").is_file()
     run(deepspeed_command(flags), db)
     logged = sorted(train_losses(out).items())
-    assert [step for step, _ in logged] == list(range(1, STEPS + 1))
+    assert [step for step, _ in logged] == list(range(1, epochs * STEPS + 1))
     (only_run,) = mlflow_runs(db)
     assert mlflow_losses(db, only_run.info.run_id) == logged  # every point once: none lost, none twice
     assert only_run.info.status == "FINISHED"
@@ -105,7 +110,13 @@ def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_mode
 def test_ranks_stop_and_save_when_the_deepspeed_launcher_is_killed(tiny_model, cache_dir, tmp_path):
     """SIGTERM to the `deepspeed` command ends it at once; its ranks notice and stop as on SIGTERM."""
     out, db = tmp_path / "out", tmp_path / "m.db"
-    training = start(deepspeed_command(train_flags(tiny_model, cache_dir, out)), db)
+    # The ranks look for their launcher once a second: 30 epochs (300 steps, no evaluation before the
+    # last) keep them training until then on any machine, and any checkpoint is the stop's own.
+    epochs = 30
+    flags = train_flags(
+        tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--eval_per_epoch", "0"
+    )
+    training = start(deepspeed_command(flags), db)
     wait_for_steps(out, 2, training)
     ranks = [
         int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank_of(int(p.name), out)
@@ -117,8 +128,9 @@ def test_ranks_stop_and_save_when_the_deepspeed_launcher_is_killed(tiny_model, c
     while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in ranks), "ranks ran on after their launcher died"
-    assert any((p / "complete").is_file() for p in (out / "checkpoints").iterdir())
-    assert len(train_losses(out)) < STEPS
+    stopped_at = max(train_losses(out))
+    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "complete").is_file()]
+    assert saved == [f"step-{stopped_at:08d}"] and stopped_at < epochs * STEPS
 
 
 def _is_rank_of(pid: int, out: Path) -> bool:
