@@ -140,7 +140,8 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     """SIGUSR1 mid-training (SLURM's warning signal): a checkpoint at the next step boundary, exit 0;
     the same command with --resume auto finishes the schedule in the same MLflow run."""
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    flags = train_flags(tiny_model, cache_dir, out, "--resume", "auto")
+    epochs = 5  # the signal lands long before the end on any machine, and the rerun stays short
+    flags = train_flags(tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--resume", "auto")
     process = start(one_process_command(flags), db)
     wait_for_steps(out, 2, process)
     process.send_signal(signal.SIGUSR1)
@@ -149,10 +150,10 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     assert b"preemption signal: saving a checkpoint" in stderr
     saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "complete").is_file()]
     stopped_at = max(train_losses(out))
-    assert saved == [f"step-{stopped_at:08d}"] and stopped_at < STEPS
+    assert saved == [f"step-{stopped_at:08d}"] and stopped_at < epochs * STEPS
     run_id = (out / "mlflow_run_id").read_text().strip()
     one_process(flags, db)
-    assert sorted(train_losses(out)) == list(range(1, STEPS + 1))
+    assert sorted(train_losses(out)) == list(range(1, epochs * STEPS + 1))
     assert [r.info.run_id for r in mlflow_runs(db)] == [run_id]
 
 
