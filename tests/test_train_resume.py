@@ -73,7 +73,7 @@ def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_mo
     out, db = tmp_path / "out", tmp_path / "m.db"
     kill_after = random.Random(20261201).randint(4, 8)  # reproducible, and past the checkpoint at step 3
     # Three epochs: the kill lands long before the run's end on any machine (a finished run removes
-    # its checkpoints, and a fast machine runs a tenth of a second per step).
+    # its checkpoints, and a step of the tiny model takes 50-80 ms on 2 cores).
     epochs = 3
     flags = train_flags(
         tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--eval_steps", "3", "--resume", "auto"
