@@ -34,6 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stopped_run(epochs: int) -> tuple[str, ...]:
+    """Flags for a run a test stops by a signal: `epochs` epochs, so that the stop lands long before the
+    end on any machine (a tiny-model step takes 50-80 ms on 2 cores, and a finished run removes its
+    checkpoints), and no evaluation before the last step, so that any checkpoint is the stop's own."""
+    return ("--num_train_epochs", str(epochs), "--eval_per_epoch", "0")
+
+
 def train_flags(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--train_file", str(FIXTURE), "--dev_file", str(FIXTURE),

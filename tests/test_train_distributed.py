@@ -25,6 +25,7 @@ from runs import (
     one_process_command,
     run,
     start,
+    stopped_run,
     torchrun_command,
     train_flags,
     train_losses,
@@ -140,8 +141,8 @@ def test_preemption_signal_saves_and_the_rerun_finishes(tiny_model, cache_dir, t
     """SIGUSR1 mid-training (SLURM's warning signal): a checkpoint at the next step boundary, exit 0;
     the same command with --resume auto finishes the schedule in the same MLflow run."""
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    epochs = 5  # the signal lands long before the end on any machine, and the rerun stays short
-    flags = train_flags(tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--resume", "auto")
+    epochs = 5  # few: the rerun trains to the end
+    flags = train_flags(tiny_model, cache_dir, out, *stopped_run(epochs), "--resume", "auto")
     process = start(one_process_command(flags), db)
     wait_for_steps(out, 2, process)
     process.send_signal(signal.SIGUSR1)

@@ -21,6 +21,7 @@ from runs import (
     one_process_command,
     run,
     start,
+    stopped_run,
     train_flags,
     train_losses,
     wait_for_steps,
@@ -95,8 +96,7 @@ def test_every_rank_killed_then_resumed_leaves_mlflow_equal_to_train_log(tiny_mo
 
 def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_model, cache_dir, tmp_path):
     out, db = tmp_path / "out", tmp_path / "m.db"
-    # 30 epochs, no evaluation before the last: the stop lands long before the end on any machine.
-    flags = train_flags(tiny_model, cache_dir, out, "--num_train_epochs", "30", "--eval_per_epoch", "0")
+    flags = train_flags(tiny_model, cache_dir, out, *stopped_run(30))
     training = start(one_process_command(flags), db)
     wait_for_steps(out, 2, training)
     training.send_signal(signal.SIGINT)
@@ -112,12 +112,8 @@ def test_ctrl_c_saves_closes_the_run_as_killed_and_prints_no_traceback(tiny_mode
 def test_ranks_stop_and_save_when_the_deepspeed_launcher_is_killed(tiny_model, cache_dir, tmp_path):
     """SIGTERM to the `deepspeed` command ends it at once; its ranks notice and stop as on SIGTERM."""
     out, db = tmp_path / "out", tmp_path / "m.db"
-    # The ranks look for their launcher once a second: 30 epochs (300 steps, no evaluation before the
-    # last) keep them training until then on any machine, and any checkpoint is the stop's own.
-    epochs = 30
-    flags = train_flags(
-        tiny_model, cache_dir, out, "--num_train_epochs", str(epochs), "--eval_per_epoch", "0"
-    )
+    epochs = 30  # the ranks look for their launcher once a second: they must still be training then
+    flags = train_flags(tiny_model, cache_dir, out, *stopped_run(epochs))
     training = start(deepspeed_command(flags), db)
     wait_for_steps(out, 2, training)
     ranks = [
