@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def stopped_run(epochs: int) -> tuple[str, ...]:
     """Flags for a run a test stops by a signal: `epochs` epochs, so that the stop lands long before the
-    end on any machine (a tiny-model step takes 50-80 ms on 2 cores, and a finished run removes its
+    end on any machine (a tiny-model step takes 40-80 ms on 2 cores, and a finished run removes its
     checkpoints), and no evaluation before the last step, so that any checkpoint is the stop's own."""
     return ("--num_train_epochs", str(epochs), "--eval_per_epoch", "0")
 
