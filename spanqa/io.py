@@ -23,7 +23,7 @@ import shutil
 import socket
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -231,12 +231,14 @@ def write_json(path: str | Path, content: Any, indent: int | None = 2) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, take_theirs: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | Path, keep_theirs: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A fresh directory to fill; at the end of the block it replaces `out_dir` whole (an existing
     one is swapped out only once the new one is complete). On an error nothing changes.
 
-    `take_theirs`: when another writer puts its `out_dir` in place while this one finishes, keep
-    theirs (for contents determined by their inputs, such as window stores) instead of failing."""
+    `keep_theirs(out_dir)`: for contents determined by their inputs (window stores), where several
+    writers may build the same directory at once. When what is at `out_dir` as this writer finishes
+    passes it (another writer's complete copy), that copy stays and this one is dropped: swapping it
+    would pull it from under readers that opened it already."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out_dir)
@@ -244,11 +246,14 @@ def atomic_dir(out_dir: str | Path, take_theirs: bool = False) -> Iterator[Path]
     os.mkdir(tmp, DIR_MODE)
     try:
         yield tmp
+        if keep_theirs is not None and out_dir.is_dir() and keep_theirs(out_dir):
+            return
         apply_umask(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, out_dir)
-    except OSError as err:
-        if not (take_theirs and err.errno in (errno.ENOTEMPTY, errno.EEXIST) and out_dir.is_dir()):
+    except OSError as err:  # their rename landed between the look above and this one (Errno 39)
+        lost_race = err.errno in (errno.ENOTEMPTY, errno.EEXIST) and out_dir.is_dir()
+        if not (keep_theirs is not None and lost_race and keep_theirs(out_dir)):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,6 +70,30 @@ def test_same_inputs_reuse_the_store(tiny_settings, tmp_path, minilm_tokenizer, 
     assert again.reused and not first.reused
 
 
+def test_a_store_another_job_finished_meanwhile_is_kept(
+    tiny_settings, tmp_path, minilm_tokenizer, tiny_squad_file, monkeypatch
+):
+    """Array tasks sharing one cache all build its store at once. The one that finishes last keeps
+    the first's store in place (and opens it): swapping it would pull it from under the tasks that
+    opened it already (CI: "window_starts.npy: missing (partial window store)")."""
+    out, settings = tmp_path / "store", WindowSettings(**tiny_settings)
+    real_build = build_windows
+    theirs = []
+
+    def other_job_finishes_first(*args, **kwargs):
+        if not theirs:
+            monkeypatch.setattr("spanqa.data.prepare.build_windows", real_build)
+            theirs.append(prepare(tiny_squad_file, minilm_tokenizer, out, settings, progress=False))
+            theirs.append(out.stat().st_ino)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr("spanqa.data.prepare.build_windows", other_job_finishes_first)
+    mine = prepare(tiny_squad_file, minilm_tokenizer, out, settings, progress=False)
+    assert out.stat().st_ino == theirs[1] and mine.meta == theirs[0].meta
+    np.testing.assert_array_equal(theirs[0].window_starts, mine.window_starts)  # still readable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
 @pytest.mark.parametrize("change", ["settings", "source", "tokenizer", "version", "corrupt"])
 def test_other_inputs_rebuild_the_store(tiny_settings, change, tmp_path, minilm_tokenizer, tiny_squad_file):
     out = tmp_path / "store"

@@ -133,23 +133,26 @@ def test_read_text_of_a_missing_file_or_a_directory(tmp_path):
     assert json.loads(io.write_json(tmp_path / "ok.json", {"é": 1}).read_text()) == {"é": 1}
 
 
-@pytest.mark.parametrize("take_theirs", [True, False])
-def test_two_writers_finishing_one_directory_at_once(tmp_path, monkeypatch, take_theirs):
+@pytest.mark.parametrize("keep", [True, False])
+def test_two_writers_finishing_one_directory_at_once(tmp_path, monkeypatch, keep):
     """The other writer's directory appears between this writer's look and its rename (Errno 39 on
-    Linux): a window store takes theirs (same inputs, same store); anything else fails loudly."""
+    Linux): a writer that accepts theirs keeps it; anything else fails loudly."""
     out = tmp_path / "store"
-    real_exists = Path.exists
+    real_is_dir = Path.is_dir
+    looks = []
 
-    def exists_but_not_yet(path):
-        if path == out:  # looked before the other writer's rename landed
+    def not_there_at_the_first_look(path):
+        if path == out and not looks:  # looked before the other writer's rename landed
+            looks.append(path)
             return False
-        return real_exists(path)
+        return real_is_dir(path)
 
     with io.atomic_dir(out) as theirs:
         (theirs / "who").write_text("theirs")
-    monkeypatch.setattr(Path, "exists", exists_but_not_yet)
-    if take_theirs:
-        with io.atomic_dir(out, take_theirs=True) as mine:
+    monkeypatch.setattr(Path, "is_dir", not_there_at_the_first_look)
+    monkeypatch.setattr(Path, "exists", lambda path: path != out and os.path.exists(path))
+    if keep:
+        with io.atomic_dir(out, keep_theirs=lambda d: True) as mine:
             (mine / "who").write_text("mine")
         assert (out / "who").read_text() == "theirs"
     else:
@@ -157,6 +160,25 @@ def test_two_writers_finishing_one_directory_at_once(tmp_path, monkeypatch, take
             (mine / "who").write_text("mine")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporary left either way
+
+
+@pytest.mark.parametrize("theirs_pass", [True, False])
+def test_a_finished_copy_is_kept_only_when_the_writer_accepts_it(tmp_path, theirs_pass):
+    """Another writer's complete copy, already in place, is not swapped away (readers may have it
+    open); one the writer rejects (stale inputs) is replaced."""
+    out = tmp_path / "store"
+    with io.atomic_dir(out) as theirs:
+        (theirs / "who").write_text("theirs")
+    inode = out.stat().st_ino
+
+    def accept(path):
+        return (path / "who").read_text() == "theirs" and theirs_pass
+
+    with io.atomic_dir(out, keep_theirs=accept) as mine:
+        (mine / "who").write_text("mine")
+    assert (out / "who").read_text() == ("theirs" if theirs_pass else "mine")
+    assert (out.stat().st_ino == inode) == theirs_pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
 def test_an_uncached_hub_name_offline_fails_at_once_naming_the_flag(tmp_path, monkeypatch):

@@ -96,7 +96,10 @@ def build_store(data_file, tokenizer, tokenizer_name, out_dir, settings, wanted,
         raw = stats.distributions(examples, tokenizer, settings, windows)
         stats.write(raw, data_file, store_dir / STATS_DIR)
 
-    write_store(out_dir, arrays, examples, meta, extra=write_stats)
+    def same_inputs(store_dir: Path) -> bool:  # several jobs sharing one cache build it at once
+        return reusable_store(store_dir, wanted) is not None
+
+    write_store(out_dir, arrays, examples, meta, extra=write_stats, keep_theirs=same_inputs)
 
 
 def reusable_store(out_dir: Path, wanted: dict) -> WindowStore | None:

@@ -261,14 +261,20 @@ def build_meta(arrays: WindowArrays, n_examples: int, **sections: Any) -> dict:
 
 
 def write_store(
-    out_dir: str | Path, arrays: WindowArrays, examples: list[Example], meta: dict, extra=None
+    out_dir: str | Path,
+    arrays: WindowArrays,
+    examples: list[Example],
+    meta: dict,
+    extra=None,
+    keep_theirs=None,
 ) -> Path:
     """Write atomically: everything goes to a temporary sibling, which one rename turns into `out_dir`.
     `extra(directory)` adds files of its own first (the length statistics).
 
-    A store already at `out_dir` is replaced only after the new one is complete.
+    A store already at `out_dir` is replaced only after the new one is complete, and not at all when
+    `keep_theirs(out_dir)` accepts it (another job built the same store meanwhile: see `atomic_dir`).
     """
-    with atomic_dir(out_dir, take_theirs=True) as tmp:  # two nodes preparing one shared store: either one
+    with atomic_dir(out_dir, keep_theirs=keep_theirs) as tmp:
         for name in WindowArrays.ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(arrays, name).astype(meta["dtypes"][name], copy=False))
         with open(tmp / EXAMPLES, "w", encoding="utf-8") as f:
