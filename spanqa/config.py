@@ -105,7 +105,8 @@ class TrainConfig:
     """Answer head: `span` (start/end logits) or `crf` (tags with a linear-chain CRF)."""
     crf_tags: str = CRF_TAGGINGS[0]
     """The CRF head's tags: `span` (O-before, B, I, O-after: only "no answer" or exactly one span is a
-    path; the default, measured best), `bio` (unconstrained BIO) or `bio_masked` (BIO without O→I)."""
+    path; the default, measured best), `bio` (unconstrained BIO), `bio_masked` (BIO without O→I) or
+    `span_end` (`span` with the answer's last token tagged E, or S for a one-token answer)."""
     preset: str | None = None
     """Start from a shipped recipe: `reference` (the report's) or `spanbert` (SpanBERT's SQuAD 2.0 one)."""
     train_batch_size: int = 8

@@ -15,7 +15,7 @@ from spanqa.eval.crf_spans import crf_candidates, span_log_probs
 from spanqa.model import CRF_TAGGINGS
 from spanqa.model.crf import CRF, TAG_B, TAG_I, TAG_O
 from spanqa.model.heads import CRFHead
-from spanqa.model.tagging import TAG_O_AFTER, TAGGINGS, Tagging
+from spanqa.model.tagging import TAG_E, TAG_O_AFTER, TAG_S, TAGGINGS, SpanStates, Tagging
 
 NEG_INF = float("-inf")
 
@@ -71,9 +71,10 @@ def enumerate_paths(crf: CRF, tagging: Tagging, emissions: torch.Tensor, mask: t
     return idx, paths
 
 
-def span_path(n: int, i: int, j: int, states: tuple[int, int, int, int]) -> tuple[int, ...]:
-    before, b, inside, after = states
-    return (before,) * i + (b,) + (inside,) * (j - i) + (after,) * (n - j - 1)
+def span_path(n: int, i: int, j: int, states: SpanStates) -> tuple[int, ...]:
+    st = states
+    answer = (st.single,) if i == j else (st.begin,) + (st.inside,) * (j - i - 1) + (st.end,)
+    return (st.before,) * i + answer + (st.after,) * (n - j - 1)
 
 
 # ----------------------------------------------------------------------------- the schemes
@@ -94,10 +95,16 @@ def test_gold_tags_of_each_scheme():
     assert span[0].tolist() == [TAG_O] * 7 + [TAG_B, TAG_I, TAG_I] + [TAG_O_AFTER] * 5 + [TAG_O]
     assert (span[1] == TAG_O).all()
     assert span[2].tolist() == [TAG_O] * 6 + [TAG_B] + [TAG_O] * 9  # the answer ends the context
-    for row, (first, n) in enumerate(((5, 10), (5, 10), (3, 4))):
-        path = tuple(span[row, first : first + n].tolist())
-        ok_start, ok_trans, _ = allowed(TAGGINGS["span"])
-        assert ok_start[path[0]] and all(ok_trans[a][c] for a, c in itertools.pairwise(path))
+    ends_apart = TAGGINGS["span_end"].tags(starts, ends, context)
+    assert ends_apart[0].tolist() == [TAG_O] * 7 + [TAG_B, TAG_I, TAG_E] + [TAG_O_AFTER] * 5 + [TAG_O]
+    assert (ends_apart[1] == TAG_O).all()
+    assert ends_apart[2].tolist() == [TAG_O] * 6 + [TAG_S] + [TAG_O] * 9  # a one-token answer
+    for name, tags in (("span", span), ("span_end", ends_apart)):
+        ok_start, ok_trans, ok_end = allowed(TAGGINGS[name])
+        for row, (first, n) in enumerate(((5, 10), (5, 10), (3, 4))):
+            path = tuple(tags[row, first : first + n].tolist())
+            assert ok_start[path[0]] and ok_end[path[-1]], (name, row)
+            assert all(ok_trans[a][c] for a, c in itertools.pairwise(path)), (name, row)
 
 
 def test_the_span_scheme_shares_one_o_emission_before_and_after_the_answer():
@@ -110,8 +117,20 @@ def test_the_span_scheme_shares_one_o_emission_before_and_after_the_answer():
         CRFHead(8, tags="bioes")
 
 
+def test_the_span_end_scheme_scores_a_one_token_answer_by_its_start_and_end_emissions():
+    head = CRFHead(8, tags="span_end").eval()
+    hidden = torch.randn(2, 5, 8)
+    raw = head.emission(hidden)
+    emissions = head(hidden, torch.ones(2, 5), torch.ones(2, 5))["emissions"]
+    assert head.emission.out_features == 4 and emissions.shape == (2, 5, 6)
+    torch.testing.assert_close(emissions[..., :3], raw[..., :3])
+    torch.testing.assert_close(emissions[..., TAG_O_AFTER], raw[..., TAG_O])
+    torch.testing.assert_close(emissions[..., TAG_E], raw[..., 3])
+    torch.testing.assert_close(emissions[..., TAG_S], raw[..., TAG_B] + raw[..., 3])
+
+
 # ----------------------------------------------------------------------------- the constrained CRF
-@pytest.mark.parametrize("name", ["bio_masked", "span"])
+@pytest.mark.parametrize("name", ["bio_masked", "span", "span_end"])
 def test_constrained_crf_matches_brute_force_over_the_allowed_paths(name):
     tagging = TAGGINGS[name]
     crf = random_crf(tagging, seed=1)
@@ -140,7 +159,7 @@ def test_constrained_crf_matches_brute_force_over_the_allowed_paths(name):
         assert tuple(best[b, idx].tolist()) == top_path
 
 
-@pytest.mark.parametrize("name", ["bio_masked", "span"])
+@pytest.mark.parametrize("name", ["bio_masked", "span", "span_end"])
 def test_constrained_crf_matches_pytorch_crf_with_forbidden_entries_at_minus_infinity(name):
     tagging = TAGGINGS[name]
     ours = random_crf(tagging, seed=2)
@@ -151,7 +170,7 @@ def test_constrained_crf_matches_pytorch_crf_with_forbidden_entries_at_minus_inf
         ref.transitions.copy_(ours.transitions.masked_fill(~torch.tensor(ok_trans), NEG_INF))
         ref.end_transitions.copy_(ours.end_transitions.masked_fill(~torch.tensor(ok_end), NEG_INF))
     length = 40
-    lengths = torch.tensor([40, 23, 1, 9])
+    lengths = torch.tensor([40, 23, 1, 10])  # no answer ends its row: E -> E is forbidden
     mask = torch.arange(length).view(1, -1) < lengths.view(-1, 1)  # pytorch-crf takes prefix masks
     emissions = torch.randn(4, length, tagging.num_tags, dtype=torch.float64) * 3
     tags = tagging.tags(torch.tensor([5, 2, 0, 7]), torch.tensor([9, 2, 0, 8]), mask)
@@ -209,7 +228,7 @@ def test_span_log_probs_match_brute_force(name):
             dict(paths),
             float(torch.tensor([s for _, s in paths], dtype=torch.float64).logsumexp(0)),
         )
-        before = tagging.states[0]
+        before = tagging.states.before
         assert float(null[b]) == pytest.approx(scores[(before,) * len(idx)] - log_z, abs=1e-9)
         for i, a in itertools.product(range(length), range(max_len)):
             k, j = i - idx[0], i - idx[0] + a
@@ -220,17 +239,19 @@ def test_span_log_probs_match_brute_force(name):
                 assert spans[b, i, a] == NEG_INF
 
 
-def test_under_the_span_scheme_no_answer_and_the_spans_are_all_the_probability():
-    tagging = TAGGINGS["span"]
+@pytest.mark.parametrize("name", ["span", "span_end"])
+def test_under_the_one_span_schemes_no_answer_and_the_spans_are_all_the_probability(name):
+    tagging = TAGGINGS[name]
     crf = random_crf(tagging, seed=5, scale=3.0)
     length = 30
     mask = block_mask([0, 4, 29], [30, 20, 1], length)
-    emissions = torch.randn(3, length, 4, dtype=torch.float64) * 3
+    emissions = torch.randn(3, length, tagging.num_tags, dtype=torch.float64) * 3
     spans, null = span_log_probs(crf, emissions, mask, length, tagging.states)
     total = torch.logaddexp(spans.flatten(1).logsumexp(1), null)
     torch.testing.assert_close(total, torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    emissions = emissions[..., :3]
     bio = TAGGINGS["bio"]
-    spans, null = span_log_probs(random_crf(bio, 5), emissions[..., :3], mask, length, bio.states)
+    spans, null = span_log_probs(random_crf(bio, 5), emissions, mask, length, bio.states)
     assert (torch.logaddexp(spans.flatten(1).logsumexp(1), null) < -1e-3).all()  # other paths exist
 
 
@@ -250,7 +271,7 @@ def test_crf_candidates_of_the_span_scheme_are_its_top_spans():
 
 
 def test_span_log_probs_refuse_states_the_crf_has_not():
-    with pytest.raises(ValueError, match=r"num_tags=3 has no tags \(0, 1, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"num_tags=3 has no tags \(0, 1, 2, 2, 1, 3\)"):
         span_log_probs(
             CRF(3), torch.randn(1, 4, 3), torch.ones(1, 4, dtype=torch.bool), 3, TAGGINGS["span"].states
         )

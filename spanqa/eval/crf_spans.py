@@ -1,18 +1,23 @@
 """The CRF head's answer candidates: the exact log-probability of every one-span tagging of a window.
 
 Under the CRF, a window's answer is a path O* B I* O* over its context tokens (or all O, no answer; the
-one-span scheme tags the O after the answer apart). Every such path differs from the no-answer path in
-a few transitions and emissions, so the score of all spans at once is the no-answer score plus
-differences read off cumulative sums: no decoding per span.
+one-span schemes tag the O after the answer apart, and `span_end` the answer's last token). Every
+such path differs from the no-answer path in a few transitions and emissions, so the score of all
+spans at once is the no-answer score plus differences read off cumulative sums: no decoding per span.
 """
 
 from __future__ import annotations
+
+from dataclasses import astuple
 
 import torch
 from torch import Tensor
 
 from spanqa.eval.candidates import WindowCandidates
-from spanqa.model.crf import CRF, TAG_B, TAG_I, TAG_O
+from spanqa.model.crf import CRF
+from spanqa.model.tagging import TAGGINGS, SpanStates
+
+BIO = TAGGINGS["bio"].states
 
 
 def _context_bounds(context_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -31,20 +36,16 @@ def _context_bounds(context_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def span_log_probs(
-    crf: CRF,
-    emissions: Tensor,
-    context_mask: Tensor,
-    max_answer_length: int,
-    states: tuple[int, int, int, int] = (TAG_O, TAG_B, TAG_I, TAG_O),
+    crf: CRF, emissions: Tensor, context_mask: Tensor, max_answer_length: int, states: SpanStates = BIO
 ) -> tuple[Tensor, Tensor]:
     """log p(path of the span i..i+a) as [B, T, A] (-inf where not a span inside the context) and
     log p(no answer) [B], exactly, from cumulative sums: the no-answer score plus what changes.
 
-    `states` = (before, B, I, after) are the tags of a span's path, before* B I* after*, and no answer
-    is `before` throughout: (O, B, I, O) for BIO tags, (O, B, I, O-after) for the one-span scheme
-    (`spanqa.model.tagging`)."""
-    if min(states) < 0 or max(states) >= crf.num_tags:
-        raise ValueError(f"span_log_probs: crf.num_tags={crf.num_tags} has no tags {states}")
+    `states` are the tags of a span's path, before* (begin inside* end | single) after*, and no answer
+    is `before` throughout (`spanqa.model.tagging.SpanStates`, the scheme's `states`)."""
+    tags = astuple(states)
+    if min(tags) < 0 or max(tags) >= crf.num_tags:
+        raise ValueError(f"span_log_probs: crf.num_tags={crf.num_tags} has no tags {tags}")
     if max_answer_length < 1:
         raise ValueError(f"span_log_probs: max_answer_length={max_answer_length}: must be at least 1")
     log_z = crf.log_partition(emissions, context_mask)
@@ -53,8 +54,8 @@ def span_log_probs(
     batch, length, _ = emissions.shape
     first, last, n = _context_bounds(context_mask)
     context = context_mask.bool()
-    o, b, i_, after = states
-    e_o, e_b, e_i, e_after = (emissions[..., tag] for tag in states)
+    o, b, i_, e_, s_, after = tags
+    e_o = emissions[..., o]
 
     null = start[o] + torch.where(context, e_o, 0.0).sum(1) + (n - 1) * trans[o, o] + end[o]
     null = torch.where(n > 0, null, 0.0)
@@ -64,25 +65,39 @@ def span_log_probs(
     a = torch.arange(span_len, device=emissions.device).view(1, 1, span_len)
     j = i + a
     jc = j.clamp(max=length - 1).expand(batch, length, span_len)
+    single = a == 0
 
-    def cumulative(x: Tensor) -> tuple[Tensor, Tensor]:  # [B, T]: through position t; at j (clamped)
+    def at_j(x: Tensor) -> Tensor:  # [B, T] -> [B, T, A]: x at the span's last position (clamped)
+        return x.gather(1, jc.flatten(1)).view(batch, length, span_len)
+
+    def cumulative(x: Tensor) -> tuple[Tensor, Tensor]:  # [B, T]: through position t; at j
         cum = torch.where(context, x, 0.0).cumsum(1)
-        return cum, cum.gather(1, jc.flatten(1)).view(batch, length, span_len)
+        return cum, at_j(cum)
 
-    # emissions: B at i instead of `before`, I over i+1..j, `after` over j+1..last (differences of
-    # cumulative sums of differences: no large sums cancelling)
-    cum_i, cum_i_at_j = cumulative(e_i - e_o)
-    cum_after, cum_after_at_j = cumulative(e_after - e_o)
-    delta = (e_b - e_o).unsqueeze(-1) + cum_i_at_j - cum_i.unsqueeze(-1)
+    def differs(tag: int) -> Tensor:  # [B, T]: the tag's emission instead of `before`'s
+        return emissions[..., tag] - e_o
+
+    # emissions (differences of cumulative sums of differences: no large sums cancelling): B (S for one
+    # token) at i, I over i+1..j, then E instead of I at j, `after` over j+1..last. Each tag of its own
+    # (S, E) is a correction that is exactly 0 in the schemes without it: their figures stay bit for bit.
+    cum_i, cum_i_at_j = cumulative(differs(i_))
+    cum_after, cum_after_at_j = cumulative(differs(after))
+    delta = torch.where(single, differs(s_).unsqueeze(-1), differs(b).unsqueeze(-1)) + cum_i_at_j
+    delta = delta - cum_i.unsqueeze(-1)
+    delta = delta + torch.where(single, 0.0, at_j(emissions[..., e_] - emissions[..., i_]))
     delta = delta + cum_after[:, -1].view(batch, 1, 1) - cum_after_at_j
-    # transitions: into B, through the span, out of it
+    # transitions: into the span, through it (B I* then E for the last I), out of it
+    opening = torch.where(single, s_, b)
+    closing = torch.where(single, s_, e_)
     at_start = i == first.view(batch, 1, 1)
-    delta = delta + torch.where(at_start, start[b] - start[o], trans[o, b] - trans[o, o])
-    delta = delta + torch.where(a > 0, trans[b, i_] + (a - 1) * trans[i_, i_] - a * trans[o, o], 0.0)
+    delta = delta + torch.where(at_start, start[opening] - start[o], trans[o, opening] - trans[o, o])
+    last_step = torch.where(a == 1, trans[b, e_] - trans[b, i_], trans[i_, e_] - trans[i_, i_])
+    through = trans[b, i_] + (a - 1) * trans[i_, i_] - a * trans[o, o] + last_step
+    delta = delta + torch.where(single, 0.0, through)
     at_end = j == last.view(batch, 1, 1)
-    exit_end = torch.where(a > 0, end[i_], end[b]) - end[o]
+    exit_end = end[closing] - end[o]
     afterwards = (last.view(batch, 1, 1) - j - 1) * (trans[after, after] - trans[o, o]) + end[after] - end[o]
-    exit_out = torch.where(a > 0, trans[i_, after], trans[b, after]) - trans[o, o] + afterwards
+    exit_out = trans[closing, after] - trans[o, o] + afterwards
     delta = delta + torch.where(at_end, exit_end, exit_out)
     valid = (i >= first.view(batch, 1, 1)) & (j <= last.view(batch, 1, 1))
     spans = torch.where(valid, null.view(batch, 1, 1) + delta - log_z.view(batch, 1, 1), float("-inf"))
@@ -96,7 +111,7 @@ def crf_candidates(
     context_mask: Tensor,
     n_best: int = 20,
     max_answer_length: int = 30,
-    states: tuple[int, int, int, int] = (TAG_O, TAG_B, TAG_I, TAG_O),
+    states: SpanStates = BIO,
 ) -> WindowCandidates:
     """Top ``n_best`` spans of every window by log p(span) and the null score log p(no answer),
     computed in fp32 whatever the autocast region around it (`states`: see `span_log_probs`)."""

@@ -10,6 +10,11 @@ A window's answer is a path (before)* B I* (after)* over its context tokens; no 
 - ``span`` (the default): O-before, B, I, O-after, constrained so that the only paths are "no answer"
   (O-before throughout) and exactly one span: the CRF's distribution is then a distribution over the
   window's answers, null included, as the span head's softmax is.
+- ``span_end``: ``span`` with the answer's last token tagged apart, O-before* (B I* E | S) O-after*,
+  and an emission of its own for E (S, a one-token answer, scores B's plus E's): a span then scores
+  its start's emission plus its end's plus what lies inside and around it, the span head's start +
+  end logits being the case where I and O score alike. Under ``span`` the end is seen only through
+  the tokens on either side of it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,20 @@ from torch import Tensor
 from spanqa.model.crf import CRF, TAG_B, TAG_I, TAG_O
 
 TAG_O_AFTER = 3  # the `span` scheme's O after the answer (TAG_O is its O before, or of no answer)
+TAG_E, TAG_S = 4, 5  # `span_end`: the last token of an answer of two or more, and a one-token answer
+
+
+@dataclass(frozen=True)
+class SpanStates:
+    """The tags of an answer's path, before* (begin inside* end | single) after*; no answer is
+    `before` throughout. Schemes without an end tag have end = inside and single = begin."""
+
+    before: int
+    begin: int
+    inside: int
+    end: int
+    single: int
+    after: int
 
 
 @dataclass(frozen=True)
@@ -29,26 +48,33 @@ class Tagging:
     name: str
     num_tags: int
     after: int  # the tag of context tokens after the answer (TAG_O or TAG_O_AFTER)
-    # the emission (output of the head's linear layer) each tag is scored by: O-after shares O's
-    emission_of_tag: tuple[int, ...] = (TAG_O, TAG_B, TAG_I)
+    # the emissions (outputs of the head's linear layer) whose sum scores each tag: O-after shares O's
+    emissions_of_tag: tuple[tuple[int, ...], ...] = ((TAG_O,), (TAG_B,), (TAG_I,))
     allowed_start: tuple[bool, ...] | None = None
     allowed_transitions: tuple[tuple[bool, ...], ...] | None = None  # [from][to]
     allowed_end: tuple[bool, ...] | None = None
+    end_tags: tuple[int, int] | None = None  # (end, single) when the answer's last token has tags of its own
 
     @property
-    def states(self) -> tuple[int, int, int, int]:
-        """(before, B, I, after): the tags of an answer's path; no answer is `before` throughout."""
-        return TAG_O, TAG_B, TAG_I, self.after
+    def states(self) -> SpanStates:
+        end, single = self.end_tags or (TAG_I, TAG_B)
+        return SpanStates(TAG_O, TAG_B, TAG_I, end, single, self.after)
 
     @property
     def num_emissions(self) -> int:
-        return max(self.emission_of_tag) + 1
+        return max(max(channels) for channels in self.emissions_of_tag) + 1
 
     def tag_emissions(self, emissions: Tensor) -> Tensor:
         """[B, T, num_emissions] -> [B, T, num_tags]: each tag's score."""
-        if self.emission_of_tag == tuple(range(self.num_emissions)):
-            return emissions
-        return emissions[..., list(self.emission_of_tag)]
+        if all(len(channels) == 1 for channels in self.emissions_of_tag):
+            first = [channels[0] for channels in self.emissions_of_tag]
+            return emissions if first == list(range(self.num_emissions)) else emissions[..., first]
+        # tags of two emissions: gather each tag's first and second (a zero column for tags of one)
+        padded = torch.cat([emissions, emissions.new_zeros(emissions.shape[:-1] + (1,))], -1)
+        first = [channels[0] for channels in self.emissions_of_tag]
+        zero = self.num_emissions
+        second = [channels[1] if len(channels) > 1 else zero for channels in self.emissions_of_tag]
+        return padded[..., first] + padded[..., second]
 
     def crf(self) -> CRF:
         def mask(rows):
@@ -64,6 +90,7 @@ class Tagging:
         Labels are trusted here (the window store checks them when it is opened): checking them per batch
         would wait for the device at every step.
         """
+        st = self.states
         context = context_mask.bool()
         length = context.shape[1]
         starts = start_positions.long().view(-1, 1)
@@ -71,9 +98,11 @@ class Tagging:
         positions = torch.arange(length, device=context.device).view(1, length)
         answered = starts > 0
         inside = (starts <= positions) & (positions <= ends) & context & answered
-        tags = torch.where(inside, torch.where(positions == starts, TAG_B, TAG_I), TAG_O)
-        if self.after != TAG_O:
-            tags = torch.where(answered & (positions > ends) & context, self.after, tags)
+        first = torch.where(starts == ends, st.single, st.begin)
+        answer = torch.where(positions == starts, first, torch.where(positions == ends, st.end, st.inside))
+        tags = torch.where(inside, answer, st.before)
+        if st.after != st.before:
+            tags = torch.where(answered & (positions > ends) & context, st.after, tags)
         return tags
 
 
@@ -95,7 +124,7 @@ TAGGINGS = {
         # one O score before and after the answer: were they apart, a shift of their difference would
         # move every span's score by its distance from the window's ends (a position prior the encoder
         # would have to keep balanced at every token)
-        emission_of_tag=(TAG_O, TAG_B, TAG_I, TAG_O),
+        emissions_of_tag=((TAG_O,), (TAG_B,), (TAG_I,), (TAG_O,)),
         allowed_start=(_T, _T, _F, _F),
         # to:                 O   B   I   O-after
         allowed_transitions=(
@@ -104,5 +133,25 @@ TAGGINGS = {
             (_F, _F, _T, _T),  # from I
             (_F, _F, _F, _T),  # from O-after: nothing but O-after
         ),
+    ),
+    "span_end": Tagging(
+        "span_end",
+        6,
+        TAG_O_AFTER,
+        # emissions O, B, I, E (channel 3); O-after shares O's, S is B + E: a one-token answer both
+        # starts and ends there
+        emissions_of_tag=((TAG_O,), (TAG_B,), (TAG_I,), (TAG_O,), (3,), (TAG_B, 3)),
+        allowed_start=(_T, _T, _F, _F, _F, _T),
+        # to:                 O   B   I   Oa  E   S
+        allowed_transitions=(
+            (_T, _T, _F, _F, _F, _T),  # from O (before): more O, or the answer begins
+            (_F, _F, _T, _F, _T, _F),  # from B: the answer goes on or ends at the next token
+            (_F, _F, _T, _F, _T, _F),  # from I
+            (_F, _F, _F, _T, _F, _F),  # from O-after: nothing but O-after
+            (_F, _F, _F, _T, _F, _F),  # from E: the answer is over
+            (_F, _F, _F, _T, _F, _F),  # from S
+        ),
+        allowed_end=(_T, _F, _F, _T, _T, _T),  # an answer is closed by E or S
+        end_tags=(TAG_E, TAG_S),
     ),
 }
