@@ -127,9 +127,17 @@ def test_when_no_checkpoint_verifies_resume_auto_refuses_instead_of_starting_ove
 def test_a_checkpoint_resumes_only_with_the_head_it_was_trained_with(tmp_path):
     path = fake_checkpoint(tmp_path, 10)
     ckpt.mark_complete(path, {"step": 10, "head": "span"})
-    ckpt.check_same_head(path, "span")
+    ckpt.check_same_head(path, {"head": "span"})
     with pytest.raises(SpanqaError, match="--head crf: .* was trained with --head span"):
-        ckpt.check_same_head(path, "crf")
+        ckpt.check_same_head(path, {"head": "crf", "crf_tags": "span"})
+    crf = fake_checkpoint(tmp_path, 20)
+    ckpt.mark_complete(crf, {"step": 20, "head": "crf", "crf_tags": "bio"})
+    ckpt.check_same_head(crf, {"head": "crf", "crf_tags": "bio"})
+    with pytest.raises(SpanqaError, match=r"^--crf_tags span: .* was trained with --crf_tags bio; resume it"):
+        ckpt.check_same_head(crf, {"head": "crf", "crf_tags": "span"})
+    older = fake_checkpoint(tmp_path, 30)  # written before the tag scheme was recorded: not checked
+    ckpt.mark_complete(older, {"step": 30, "head": "crf"})
+    ckpt.check_same_head(older, {"head": "crf", "crf_tags": "span"})
 
 
 def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):

@@ -125,14 +125,17 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return Path(resume)
 
 
-def check_same_head(path: Path, head: str) -> None:
-    """A checkpoint holds one head's weights: another --head cannot load them."""
-    saved = json.loads((path / COMPLETE).read_text()).get("head")
-    if saved is not None and saved != head:
-        raise SpanqaError(
-            f"--head {head}: the checkpoint {path} was trained with --head {saved}; resume it with "
-            f"--head {saved}, or train the {head} head in another --output_dir"
-        )
+def check_same_head(path: Path, head: dict[str, str]) -> None:
+    """A checkpoint holds one head's weights, of one shape: another --head, or another --crf_tags,
+    cannot load them (`head`: the flags that shape it, as `save` records them). A checkpoint older
+    than a flag's record is not checked for it."""
+    saved = json.loads((path / COMPLETE).read_text())
+    for flag, value in head.items():
+        if saved.get(flag) is not None and saved[flag] != value:
+            raise SpanqaError(
+                f"--{flag} {value}: the checkpoint {path} was trained with --{flag} {saved[flag]}; resume "
+                f"it with --{flag} {saved[flag]}, or train with --{flag} {value} in another --output_dir"
+            )
 
 
 def check_world_size(path: Path, world_size: int) -> None:
@@ -261,9 +264,12 @@ def safe_checkpoint_engine(engine):
 # ---- saving and loading a whole checkpoint --------------------------------------------------------
 
 
-def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int, head: str) -> Path:
+def save(
+    engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, keep: int, head: dict[str, str]
+) -> Path:
     """Collective: every rank saves its part; once all have, rank 0 writes the manifest as the
-    `complete` marker and prunes all but the newest `keep`."""
+    `complete` marker (with `head`, the flags that shape the head's weights) and prunes all but the
+    newest `keep`."""
     root, tag = checkpoint_root(output_dir), tag_for(step)
 
     def save_part() -> None:
@@ -285,7 +291,7 @@ def save(engine, output_dir: Path, step: int, client_state: dict, env: DistEnv, 
             shutil.rmtree(root / tag, ignore_errors=True)  # never marked complete: spanqa's own, unusable
         raise
     if env.is_main:
-        mark_complete(root / tag, {"step": step, "world_size": env.world_size, "head": head})
+        mark_complete(root / tag, {"step": step, "world_size": env.world_size, **head})
         prune(root, keep)
         log.info(f"checkpoint {root / tag}")
     barrier()

@@ -122,7 +122,7 @@ class Trainer:
         path = on_main(lambda: ckpt.resolve_resume(self.config.resume, self.output_dir), self.env)
         if path is None:
             return None
-        on_main(lambda: ckpt.check_same_head(path, self.config.head), self.env)
+        on_main(lambda: ckpt.check_same_head(path, self.head_flags()), self.env)
         on_main(lambda: ckpt.check_world_size(path, self.env.world_size), self.env)
         client_state = ckpt.load(self.engine, path, self.env.rank)
         self.state.load_state_dict(client_state["trainer"])
@@ -317,8 +317,14 @@ class Trainer:
             client_state,
             self.env,
             self.config.keep_checkpoints,
-            self.config.head,
+            self.head_flags(),
         )
+
+    def head_flags(self) -> dict[str, str]:
+        """The flags that shape the head's weights: a checkpoint resumes only under the same."""
+        if self.config.head == "crf":
+            return {"head": "crf", "crf_tags": self.config.crf_tags}
+        return {"head": self.config.head}
 
     def requeue(self) -> None:
         """Rank 0 asks SLURM to run the job again (outside SLURM: nothing to do); all ranks wait."""
