@@ -45,9 +45,14 @@ class Case:
         return f"B{self.batch}xT{self.length}xK{self.num_tags}" + (f"-{self.tagging}" if self.tagging else "")
 
 
-# the last: the CRF head's one-span scheme (4 tags, constrained: the log-space scan), pytorch-crf given
-# the same constraints as -inf transitions
-CASES = (Case(32, 384, 3), Case(8, 384, 5), Case(32, 384, 4, tagging="span"))
+# the last two: the CRF head's one-span schemes, `span` (the default, 4 tags) and `span_end` (6),
+# constrained (the log-space scan), pytorch-crf given the same constraints as -inf transitions
+CASES = (
+    Case(32, 384, 3),
+    Case(8, 384, 5),
+    Case(32, 384, 4, tagging="span"),
+    Case(32, 384, 6, tagging="span_end"),
+)
 GOAL = 20.0  # the target for both speedups in the main case
 
 

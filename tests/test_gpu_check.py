@@ -55,7 +55,7 @@ def test_dry_run_runs_every_step_on_cpu_and_reports_the_cuda_ones_skipped(tmp_pa
         assert steps[name]["status"] == "passed", (name, steps[name])
     tests = report["pytest"]["tests"]
     assert tests and all(t["outcome"] == "skipped" and "needs a CUDA device" in t["message"] for t in tests)
-    assert {r["device"] for r in report["crf"]} == {"cpu"} and len(report["crf"]) == 3  # bench/crf.py's cases
+    assert {r["device"] for r in report["crf"]} == {"cpu"} and len(report["crf"]) == 4  # bench/crf.py's cases
     assert sorted(report["throughput"]) == ["bf16 crf", "bf16 span"]
     assert {(s["dtype"], s["reason"]) for s in report["throughput_skipped"]} == {
         ("fp16", "fp16 needs CUDA (DeepSpeed has none on CPU)")
