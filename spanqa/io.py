@@ -246,10 +246,11 @@ def atomic_dir(out_dir: str | Path, keep_theirs: Callable[[Path], bool] | None =
     os.mkdir(tmp, DIR_MODE)
     try:
         yield tmp
-        if keep_theirs is not None and out_dir.is_dir() and keep_theirs(out_dir):
-            return
         apply_umask(tmp)
         fsync_tree(tmp)
+        # looked at last, just before the rename: the window for another writer's to land between is short
+        if keep_theirs is not None and out_dir.is_dir() and keep_theirs(out_dir):
+            return
         replace_dir(tmp, out_dir)
     except OSError as err:  # their rename landed between the look above and this one (Errno 39)
         lost_race = err.errno in (errno.ENOTEMPTY, errno.EEXIST) and out_dir.is_dir()

@@ -86,22 +86,39 @@ def span_log_probs(
     delta = delta - cum_i.unsqueeze(-1)
     delta = delta + torch.where(single, 0.0, at_j(emissions[..., e_] - emissions[..., i_]))
     delta = delta + cum_after[:, -1].view(batch, 1, 1) - cum_after_at_j
-    # transitions: into the span, through it (B I* then E for the last I), out of it
-    opening = torch.where(single, s_, b)
-    closing = torch.where(single, s_, e_)
-    at_start = i == first.view(batch, 1, 1)
-    delta = delta + torch.where(at_start, start[opening] - start[o], trans[o, opening] - trans[o, o])
-    last_step = torch.where(a == 1, trans[b, e_] - trans[b, i_], trans[i_, e_] - trans[i_, i_])
-    through = trans[b, i_] + (a - 1) * trans[i_, i_] - a * trans[o, o] + last_step
-    delta = delta + torch.where(single, 0.0, through)
-    at_end = j == last.view(batch, 1, 1)
-    exit_end = end[closing] - end[o]
-    afterwards = (last.view(batch, 1, 1) - j - 1) * (trans[after, after] - trans[o, o]) + end[after] - end[o]
-    exit_out = trans[closing, after] - trans[o, o] + afterwards
-    delta = delta + torch.where(at_end, exit_end, exit_out)
+    delta = _add_transitions(delta, crf, emissions.dtype, tags, i, a, first, last)
     valid = (i >= first.view(batch, 1, 1)) & (j <= last.view(batch, 1, 1))
     spans = torch.where(valid, null.view(batch, 1, 1) + delta - log_z.view(batch, 1, 1), float("-inf"))
     return spans, null - log_z
+
+
+def _add_transitions(
+    delta: Tensor,
+    crf: CRF,
+    dtype: torch.dtype,
+    tags: tuple,
+    i: Tensor,
+    a: Tensor,
+    first: Tensor,
+    last: Tensor,
+) -> Tensor:
+    """`delta` [B, T, A] plus what the span i..i+a's path changes in the no-answer path's transition
+    scores: into the span, through it (B I* with E for the last I), out of it (added one by one, in
+    the order of the schemes' figures before `span_end`)."""
+    start, end, trans = crf._params(dtype)
+    o, b, i_, e_, s_, after = tags
+    first, last = first.view(-1, 1, 1), last.view(-1, 1, 1)
+    j, single = i + a, a == 0
+    opening = torch.where(single, s_, b)
+    closing = torch.where(single, s_, e_)
+    delta = delta + torch.where(i == first, start[opening] - start[o], trans[o, opening] - trans[o, o])
+    last_step = torch.where(a == 1, trans[b, e_] - trans[b, i_], trans[i_, e_] - trans[i_, i_])
+    through = trans[b, i_] + (a - 1) * trans[i_, i_] - a * trans[o, o] + last_step
+    delta = delta + torch.where(single, 0.0, through)
+    exit_end = end[closing] - end[o]
+    afterwards = (last - j - 1) * (trans[after, after] - trans[o, o]) + end[after] - end[o]
+    exit_out = trans[closing, after] - trans[o, o] + afterwards
+    return delta + torch.where(j == last, exit_end, exit_out)
 
 
 @torch.no_grad()
