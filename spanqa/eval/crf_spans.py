@@ -86,7 +86,7 @@ def span_log_probs(
     delta = delta - cum_i.unsqueeze(-1)
     delta = delta + torch.where(single, 0.0, at_j(emissions[..., e_] - emissions[..., i_]))
     delta = delta + cum_after[:, -1].view(batch, 1, 1) - cum_after_at_j
-    delta = _add_transitions(delta, crf, emissions.dtype, tags, i, a, first, last)
+    delta = _add_transitions(delta, (start, end, trans), tags, i, a, first, last)
     valid = (i >= first.view(batch, 1, 1)) & (j <= last.view(batch, 1, 1))
     spans = torch.where(valid, null.view(batch, 1, 1) + delta - log_z.view(batch, 1, 1), float("-inf"))
     return spans, null - log_z
@@ -94,8 +94,7 @@ def span_log_probs(
 
 def _add_transitions(
     delta: Tensor,
-    crf: CRF,
-    dtype: torch.dtype,
+    params: tuple[Tensor, Tensor, Tensor],
     tags: tuple,
     i: Tensor,
     a: Tensor,
@@ -104,8 +103,8 @@ def _add_transitions(
 ) -> Tensor:
     """`delta` [B, T, A] plus what the span i..i+a's path changes in the no-answer path's transition
     scores: into the span, through it (B I* with E for the last I), out of it (added one by one, in
-    the order of the schemes' figures before `span_end`)."""
-    start, end, trans = crf._params(dtype)
+    the order of the schemes' figures before `span_end`). `params`: the CRF's (start, end, trans)."""
+    start, end, trans = params
     o, b, i_, e_, s_, after = tags
     first, last = first.view(-1, 1, 1), last.view(-1, 1, 1)
     j, single = i + a, a == 0

@@ -66,12 +66,11 @@ class Tagging:
 
     def tag_emissions(self, emissions: Tensor) -> Tensor:
         """[B, T, num_emissions] -> [B, T, num_tags]: each tag's score."""
+        first = [channels[0] for channels in self.emissions_of_tag]
         if all(len(channels) == 1 for channels in self.emissions_of_tag):
-            first = [channels[0] for channels in self.emissions_of_tag]
             return emissions if first == list(range(self.num_emissions)) else emissions[..., first]
         # tags of two emissions: gather each tag's first and second (a zero column for tags of one)
         padded = torch.cat([emissions, emissions.new_zeros(emissions.shape[:-1] + (1,))], -1)
-        first = [channels[0] for channels in self.emissions_of_tag]
         zero = self.num_emissions
         second = [channels[1] if len(channels) > 1 else zero for channels in self.emissions_of_tag]
         return padded[..., first] + padded[..., second]
