@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launcher" / "train.py"
 FIXTURE = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
 BIN = Path(sys.executable).parent
+# `make demo DEMO_FLAGS=...` cut to a smoke run: tests/test_readme.py checks that make passes them to
+# `spanqa demo`, tests/test_install.py runs that from the wheel
+DEMO_SMOKE_FLAGS = ["--max_steps", "4", "--eval_steps", "4"]
 STEPS = 10  # an epoch of the fixture at 128/32/32: 87 windows, 10 global batches of 8 (7 sit it out)
 
 
@@ -51,7 +57,24 @@ def train_flags(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@functools.cache
+def empty_mlflow_store() -> Path:
+    """An MLflow sqlite store with its tables made and nothing in them, made once per test session: a
+    training run that meets no store spends seconds making the tables (MLflow's migrations), one that
+    meets a copy of this spends none. The tracking tests still start from no store at all."""
+    from mlflow.tracking import MlflowClient
+
+    where = Path(tempfile.mkdtemp(prefix="spanqa-test-mlflow-"))
+    atexit.register(shutil.rmtree, where, True)
+    MlflowClient(f"sqlite:///{where / 'mlflow.db'}").search_experiments()  # makes the tables
+    return where / "mlflow.db"
+
+
 def environment(mlflow_db: Path) -> dict[str, str]:
+    """The environment of a training command that logs to the sqlite store `mlflow_db` (a copy of the
+    empty store when there is none yet)."""
+    if not mlflow_db.exists():
+        shutil.copyfile(empty_mlflow_store(), mlflow_db)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

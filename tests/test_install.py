@@ -8,12 +8,14 @@ path file, so that nothing is downloaded; spanqa itself comes only from the whee
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+from runs import DEMO_SMOKE_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,24 +70,17 @@ def test_the_installed_package_is_the_wheels_and_ships_its_data(fresh_venv, tmp_
 
 
 def test_the_demo_runs_from_outside_the_checkout(fresh_venv, tmp_path):
-    out = tmp_path / "demo"
-    done = run(
-        [
-            fresh_venv / "bin" / "spanqa",
-            "demo",
-            "--output_dir",
-            out,
-            "--",
-            "--max_steps",
-            "4",
-            "--eval_steps",
-            "4",
-        ],
-        tmp_path,
-        timeout=900,
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        OMP_NUM_THREADS="1",
-    )
-    assert "demo results on" in done.stdout, done.stdout[-3000:]
+    """`make demo` cut to a smoke run (tests/test_readme.py checks that this is the command it runs),
+    from the wheel: the README's figures printed, the package's own config used."""
+    out, db = tmp_path / "demo", tmp_path / "mlflow.db"
+    demo = [fresh_venv / "bin" / "spanqa", "demo", "--output_dir", out, "--", *DEMO_SMOKE_FLAGS]
+    done = run(demo, tmp_path, timeout=900, MLFLOW_TRACKING_URI=f"sqlite:///{db}", OMP_NUM_THREADS="1")
+    printed = done.stdout
+    assert "demo results on spanqa/sample/dev.json (501 questions" in printed, printed[-3000:]
+    for name in ("exact", "f1", "HasAns_f1"):  # at threshold 0, and at the tuned one when it was tuned
+        assert re.search(rf"^  {name} +-?\d+\.\d\d( +-?\d+\.\d\d)?$", printed, flags=re.M), printed[-3000:]
+    assert "always answering nothing scores EM = F1 = 47.90" in printed
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in printed
+    assert (out / "best_model" / "model.safetensors").is_file()
     assert (out / "best_model" / "spanqa_config.json").is_file()
-    assert "spanqa/ds_configs/cpu_fp32.json" in done.stdout + done.stderr  # the package's own config
+    assert "spanqa/ds_configs/cpu_fp32.json" in printed + done.stderr  # the package's own config

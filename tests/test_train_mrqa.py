@@ -6,27 +6,19 @@ metric (the same figures `spanqa evaluate` gives its files) and keeps its best m
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from runs import free_port
+from runs import deepspeed_command, run
 
 from spanqa.cli import main as cli
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
 
 def train_two_ranks(model: Path, data: dict[str, Path], out: Path, head: str) -> subprocess.CompletedProcess:
-    deepspeed = shutil.which("deepspeed", path=str(BIN)) or "deepspeed"
-    command = [
-        deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"),
+    flags = [
         "--model", str(model), "--head", head,
         "--train_file", str(data["train"]), "--dev_file", str(data["dev"]),
         "--output_dir", str(out / "run"), "--cache_dir", str(out / "cache"),
@@ -34,31 +26,20 @@ def train_two_ranks(model: Path, data: dict[str, Path], out: Path, head: str) ->
         "--train_batch_size", "16", "--num_train_epochs", "0.2", "--eval_per_epoch", "1",
         "--learning_rate", "1e-3", "--warmup_steps", "2", "--logging_steps", "5", "--seed", "3",
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-    }
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=out)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
+    return run(deepspeed_command(flags), out / "mlflow.db", timeout=900)
 
 
 @pytest.mark.parametrize("head", ["span", "crf"])
 def test_two_ranks_train_and_evaluate_on_mrqa_files(head, mrqa_sample, tiny_model, tmp_path, capsys):
     train_two_ranks(tiny_model, mrqa_sample, tmp_path, head)
-    run = tmp_path / "run"
-    report = json.loads((run / "eval" / "eval_report.json").read_text())
+    trained = tmp_path / "run"
+    report = json.loads((trained / "eval" / "eval_report.json").read_text())
     assert report["metric"] == "mrqa" and report["total"] == 261  # the dev sample's answerable questions
     assert not {"HasAns_f1", "NoAns_f1", "best_f1"} & report.keys()  # no unanswerable questions, no sweep
-    predictions = json.loads((run / "eval" / "predictions.json").read_text())
+    predictions = json.loads((trained / "eval" / "predictions.json").read_text())
     assert len(predictions) == 261 and all(predictions.values())  # version_2_with_negative is off
     # the best model was picked by F1 (--eval_metric best_f1 means f1 on MRQA) and answers like it trained
-    exported = json.loads((run / "best_model" / "spanqa_config.json").read_text())
+    exported = json.loads((trained / "best_model" / "spanqa_config.json").read_text())
     assert exported["answers"]["version_2_with_negative"] is False
     assert exported["metric"]["value"] == pytest.approx(report["f1"])
     # the official MRQA figures of the same files, through `spanqa evaluate`
@@ -69,7 +50,7 @@ def test_two_ranks_train_and_evaluate_on_mrqa_files(head, mrqa_sample, tiny_mode
                 "--data_file",
                 str(mrqa_sample["dev"]),
                 "--predictions",
-                str(run / "eval" / "predictions.json"),
+                str(trained / "eval" / "predictions.json"),
             ]
         )
         == 0
