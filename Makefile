@@ -67,21 +67,23 @@ gpu-check:
 
 # CI's other legs (.ci/run). `make test` runs the whole suite in .venv, which resolves the newest
 # transformers (5.x); these two each make a venv of their own and run what their versions can change:
-#   test-tf4     transformers 4.57: the fast tier (models, tokenizers, exports, the QA pipeline) and the
-#                learning test at one seed per head (training through the launcher)
+#   test-tf4     transformers 4.57: the fast tier (models, tokenizers, exports, the QA pipeline), the
+#                learning test at one seed per head and two-rank training of each head
 #   test-floors  every direct dependency at its floor in pyproject.toml (.ci/lowest_constraints.py;
 #                torch 2.7 comes from PyPI, a CUDA build that also runs on CPU): the fast tier, the
 #                two-rank training tests (torch, deepspeed: gloo, checkpoints, resume, torchrun) and
 #                the MLflow model tests
 # What a leg leaves out does not change with its versions: the tf4 leg has torch and deepspeed as in
-# .venv, so no two-rank tests, and the learning test's second seed checks the heads, not
-# transformers; the floors leg leaves out the preemption signal (spanqa's own handler) and torchrun
-# on the launcher script (the same torchrun as on -m spanqa.train).
+# .venv, so of the two-rank tests only training itself (not resume, preemption, torchrun), and the
+# learning test's second seed checks the heads, not transformers; the floors leg leaves out the
+# preemption signal (spanqa's own handler) and torchrun on the launcher script (the same torchrun
+# as on -m spanqa.train).
 TF4_VENV ?= .venv-tf4
 FLOORS_VENV ?= .venv-floors
 TF4_SPEC ?= transformers>=4.57,<5
-LEARNING_ONE_SEED := tests/test_train_learning.py -k 42
-FLOORS_TRAINING := tests/test_train_distributed.py tests/test_mlflow_model.py -k "not preemption and not launcher-script"
+TF4_TRAINING := tests/test_train_learning.py tests/test_train_distributed.py -k "42 or stay_identical"
+FLOORS_TRAINING := tests/test_train_distributed.py tests/test_mlflow_model.py \
+  -k "not preemption and not launcher-script"
 
 .PHONY: test-tf4 test-floors
 
@@ -93,7 +95,7 @@ $(TF4_VENV)/.installed: pyproject.toml
 
 test-tf4: $(TF4_VENV)/.installed
 	$(TF4_VENV)/bin/python -m pytest -m "not slow and not slurm"
-	$(TF4_VENV)/bin/python -m pytest $(LEARNING_ONE_SEED)
+	$(TF4_VENV)/bin/python -m pytest $(TF4_TRAINING)
 
 # deepspeed's older sdists import torch while they build: built against the venv's torch 2.7
 # (--no-build-isolation) instead of a newest torch pulled into an isolated build environment.

@@ -61,7 +61,8 @@ def train_flags(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
 def empty_mlflow_store() -> Path:
     """An MLflow sqlite store with its tables made and nothing in them, made once per test session: a
     training run that meets no store spends seconds making the tables (MLflow's migrations), one that
-    meets a copy of this spends none. The tracking tests still start from no store at all."""
+    meets a copy of this spends none. Runs made outside these helpers (the learning, demo, SLURM and
+    tracking tests) still start from no store at all."""
     from mlflow.tracking import MlflowClient
 
     where = Path(tempfile.mkdtemp(prefix="spanqa-test-mlflow-"))
