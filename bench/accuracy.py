@@ -12,6 +12,10 @@ best_f1 at the dev-best threshold, beside the always-no-answer baseline scored b
     python bench/accuracy.py --json             # ... then one line {"span": {...}, "crf": {...}}
     python bench/accuracy.py --epochs 1 --questions 2000 --dev_questions 500   # a cheaper setting
     python bench/accuracy.py --heads crf -- --crf_tags bio   # flags after -- go to every run
+    python bench/accuracy.py --score_only       # the table again, from the runs already in --out
+
+Each head's best_f1 is also set against answering nothing, question by question (a paired bootstrap:
+is its margin over the baseline real?).
 
 Every run's log, output directory and MLflow store stay under --out (default bench/results/accuracy).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -65,6 +70,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of the deepspeed launcher")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy"))
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
+    parser.add_argument(
+        "--score_only",
+        action="store_true",
+        help="train nothing: score the runs an earlier call left in --out (each head's OUT/HEAD)",
+    )
     argv = list(argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -114,8 +124,8 @@ def train_command(head: str, args: argparse.Namespace, data: dict[str, Path], ex
 
 
 def run_head(head: str, args: argparse.Namespace, data: dict[str, Path], extra: list[str]) -> dict:
-    """Train one head; its final evaluation report plus train_seconds (the trainer's own clock) and
-    wall_seconds (the whole command: start-up, data preparation, training, evaluations)."""
+    """Train one head; its figures (`scored_head`) plus wall_seconds (the whole command: start-up, data
+    preparation, training, evaluations) and the command."""
     out = Path(args.out)
     command = train_command(head, args, data, extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -133,15 +143,59 @@ def run_head(head: str, args: argparse.Namespace, data: dict[str, Path], extra: 
         raise SystemExit(
             f"bench/accuracy.py: {head} training failed (exit {done.returncode}): see {log.name}"
         )
+    scores = scored_head(head, out, data["dev"])
+    scores["train_seconds"] = scores["train_seconds"] or wall  # a run without the metric: the command's
+    return {**scores, "wall_seconds": wall, "command": " ".join(command)}
+
+
+def scored_head(head: str, out: Path, dev: Path) -> dict:
+    """A finished run's final evaluation report, train_seconds (the trainer's own clock), its evaluations
+    and its best_f1 over answering nothing (`over_no_answer`)."""
+    eval_dir = out / head / "eval"
+    if not (eval_dir / "eval_report.json").is_file():
+        raise SystemExit(f"bench/accuracy.py: no finished {head} run in {out / head} (train it first)")
     evals = [r for r in read_log(out / head / "train_log.jsonl") if r["kind"] == "eval"]
-    final = json.loads((out / head / "eval" / "eval_report.json").read_text())
+    final = json.loads((eval_dir / "eval_report.json").read_text())
     return {
         **final,
-        "train_seconds": trainer_seconds(out / "mlflow.db", head) or wall,
-        "wall_seconds": wall,
+        "train_seconds": trainer_seconds(out / "mlflow.db", head),
         "evals": [{k: r[k] for k in ("step", "epoch", "exact", "f1", "HasAns_f1", "best_f1")} for r in evals],
-        "command": " ".join(command),
+        "over_no_answer": over_no_answer(dev, eval_dir, final),
     }
+
+
+def over_no_answer(dev: Path, eval_dir: Path, report: dict) -> dict:
+    """best_f1 against always answering nothing, paired by question (spanqa.eval.bootstrap, 10,000
+    resamples): each question's F1 at the run's best_f1 threshold minus the baseline's (1 if it has no
+    answer, else 0). The threshold was tuned on these same questions, so the interval flatters the run
+    a little; it says whether best_f1's margin is more than the luck of which questions were drawn."""
+    from spanqa.eval.bootstrap import paired_bootstrap
+
+    questions, f1 = best_threshold_f1(dev, eval_dir, report)
+    ids = list(questions)
+    result = paired_bootstrap([f1[q] for q in ids], [float(not questions[q].has_answer) for q in ids])
+    return {
+        "difference": 100 * result.difference,
+        "low": 100 * result.low,
+        "high": 100 * result.high,
+        "p_value": result.p_value,
+        "resamples": result.resamples,
+    }
+
+
+def best_threshold_f1(dev: Path, eval_dir: Path, report: dict) -> tuple[dict, dict[str, float]]:
+    """Each question's F1 at the threshold best_f1 was found at. When answering nothing is best, the
+    official sweep reports threshold 0.0 all the same: its scores are then those below every null odds."""
+    from spanqa.eval.squad_metric import read_gold_questions, thresholded_scores, unique_by_id
+
+    questions = unique_by_id(read_gold_questions(dev))
+    predictions = json.loads((eval_dir / "predictions.json").read_text())
+    null_odds = json.loads((eval_dir / "null_odds.json").read_text())
+    for threshold in (report["best_f1_thresh"], -math.inf):
+        _, f1 = thresholded_scores(questions, predictions, null_odds, threshold)
+        if abs(100 * sum(f1.values()) / len(f1) - report["best_f1"]) < 1e-9:
+            return questions, f1
+    raise SystemExit(f"bench/accuracy.py: {eval_dir}: no threshold gives the report's best_f1")
 
 
 def read_log(path: Path) -> list[dict]:
@@ -174,20 +228,46 @@ def table(results: dict[str, dict]) -> str:
     lines = [header]
     for name, scores in results.items():
         figures = "".join(f"{scores[key]:>10.2f}" for _, key in COLUMNS)
-        seconds = f"{scores['train_seconds']:>9.0f}" if "train_seconds" in scores else f"{'':>9}"
+        seconds = f"{scores['train_seconds']:>9.0f}" if scores.get("train_seconds") else f"{'':>9}"
         lines.append(f"{name:<22}{figures}{seconds}")
+    return "\n".join(lines)
+
+
+def margins(results: dict[str, dict]) -> str:
+    lines = ["best_f1 over always no answer, paired by question (95% interval, two-sided p):"]
+    for name, scores in results.items():
+        m = scores["over_no_answer"]
+        lines.append(
+            f"{name:<22}{m['difference']:>+10.2f}  [{m['low']:+.2f}, {m['high']:+.2f}]  p {m['p_value']:.4f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    if args.score_only:  # the data the runs were trained and scored on, as the earlier call wrote it
+        data = {split: out / "data" / f"{split}.json" for split in ("train", "dev")}
+        results = {head: scored_head(head, out, data["dev"]) for head in args.heads}
+    else:
+        data = write_data(args, out)
+        results = {head: run_head(head, args, data, extra) for head in args.heads}
+    baseline = no_answer_baseline(data["dev"])
+    print(f"train {data['train']}, dev {data['dev']} ({baseline['total']} questions)")
+    print(table({**results, "always no answer": baseline}))
+    print(margins(results))
+    if args.json:
+        print(json.dumps({**results, "no_answer": baseline}))
+    return 0
+
+
+def write_data(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     from spanqa.testing import minilm_dir, shared_squad2
 
     args.model = args.model or minilm_dir()
-    out = Path(args.out).resolve()
-    args.out = str(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    data = {
+    return {
         "train": write_subset(
             Path(args.train_file or shared_squad2("train-v2.0.first10articles.json")),
             args.questions,
@@ -199,13 +279,6 @@ def main(argv: list[str] | None = None) -> int:
             out / "data" / "dev.json",
         ),
     }
-    results = {head: run_head(head, args, data, extra) for head in args.heads}
-    baseline = no_answer_baseline(data["dev"])
-    print(f"{args.epochs:g} epochs, train {data['train']}, dev {data['dev']} ({baseline['total']} questions)")
-    print(table({**results, "always no answer": baseline}))
-    if args.json:
-        print(json.dumps({**results, "no_answer": baseline}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Case:
         return f"B{self.batch}xT{self.length}xK{self.num_tags}" + (f"-{self.tagging}" if self.tagging else "")
 
 
-# the last two: the CRF head's one-span schemes, `span` (the default, 4 tags) and `span_end` (6),
+# the last two: the CRF head's one-span schemes, `span_end` (the default, 6 tags) and `span` (4),
 # constrained (the log-space scan), pytorch-crf given the same constraints as -inf transitions
 CASES = (
     Case(32, 384, 3),

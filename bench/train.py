@@ -6,7 +6,9 @@ In one run, on the same batches (drawn by the length-bucketed sampler from
   2. span head, every window padded to 384 (what run_squad.py does);
   3. CRF head, bucketed as in 1.
 Each mode runs --warmup steps, then --steps timed steps of Trainer.train_step (forward, backward,
-optimizer step through the DeepSpeed engine). Real tokens are counted from the attention mask.
+optimizer step through the DeepSpeed engine); modes 1 and 3 take turns on each batch, the first of each
+pair alternating, so that a slow spell of the machine falls on both heads alike. Real tokens are
+counted from the attention mask.
 
     python bench/train.py                 # a table
     python bench/train.py --json          # ... and a last line of JSON
@@ -47,7 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--batch_size", type=int, default=8, help="windows per step (the reference recipe's 8)"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per mode (the first ones are slow, warming up)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a last line of JSON")
     return parser.parse_args(argv)
@@ -77,20 +81,31 @@ def make_trainer(head: str, args: argparse.Namespace, prepared: Path, work: Path
     return Trainer(config, env)
 
 
-def time_steps(trainer, batches: list[dict], warmup: int) -> list[float]:
-    """Seconds of each timed train_step (the device is synchronised at each step's end)."""
-    seconds = []
+def timed_step(trainer, batch: dict) -> float:
+    """Seconds of one train_step (the device is synchronised at its end)."""
+    started = time.perf_counter()
+    loss = trainer.train_step(batch)
+    float(loss)  # waits for the device: the step is done
+    return time.perf_counter() - started
+
+
+def time_steps(trainers: list, batches: list[dict], warmup: int) -> list[list[float]]:
+    """Seconds of each timed train_step of each trainer. The trainers take turns on each batch, and which
+    goes first alternates: whatever slows the machine for a while (another process, caches after a big
+    step, the allocator warming up) falls on both of a pair alike, not on one trainer's whole run."""
+    seconds = [[] for _ in trainers]
     for i, batch in enumerate(batches):
-        started = time.perf_counter()
-        loss = trainer.train_step(batch)
-        float(loss)  # waits for the device: the step is done
-        if i >= warmup:
-            seconds.append(time.perf_counter() - started)
+        order = list(range(len(trainers)))
+        if i % 2:
+            order.reverse()
+        for k in order:
+            took = timed_step(trainers[k], batch)
+            if i >= warmup:
+                seconds[k].append(took)
     return seconds
 
 
-def measure(name: str, trainer, batches: list[dict], warmup: int) -> dict:
-    seconds = time_steps(trainer, batches, warmup)
+def measure(name: str, seconds: list[float], batches: list[dict], warmup: int) -> dict:
     timed = batches[warmup:]
     real = sum(int(b["attention_mask"].sum()) for b in timed)
     padded = sum(b["attention_mask"].numel() for b in timed)
@@ -129,12 +144,17 @@ def run(args: argparse.Namespace, work: Path, env) -> dict:
     batches = [b for _, b in zip(range(n), span.data.train_loader(epoch=0), strict=False)]
     if len(batches) < n:
         raise SpanqaError(f"--steps: the data has only {len(batches)} batches of {args.batch_size}")
-    results = [measure("span, bucketed", span, batches, args.warmup)]
-    results.append(measure("span, padded to 384", span, [pad_to(b, 384) for b in batches], args.warmup))
-    span.close()
     crf = make_trainer("crf", args, prepared, work, env)
-    results.append(measure("crf, bucketed", crf, batches, args.warmup))
+    span_s, crf_s = time_steps([span, crf], batches, args.warmup)
     crf.close()
+    padded = [pad_to(b, 384) for b in batches]
+    (padded_s,) = time_steps([span], padded, args.warmup)
+    span.close()
+    results = [
+        measure("span, bucketed", span_s, batches, args.warmup),
+        measure("span, padded to 384", padded_s, padded, args.warmup),
+        measure("crf, bucketed", crf_s, batches, args.warmup),
+    ]
     bucketed, padded, crf_result = results
     return {
         "device": torch.cuda.get_device_name()

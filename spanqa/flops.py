@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-HEAD_OUTPUTS = {"span": 2, "crf": 3}  # start/end logits; B, I, O emissions
+HEAD_OUTPUTS = {"span": 2, "crf": 4}  # start/end logits; O, B, I, E emissions (default `span_end` tags)
 
 
 @dataclass(frozen=True)

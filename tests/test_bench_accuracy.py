@@ -53,3 +53,21 @@ def test_both_heads_train_and_the_table_and_json_line_come_out(tmp_path):
     unanswerable = 100.0 * sum(not q.has_answer for q in dev) / len(dev)
     assert len(dev) == 12 and result["no_answer"]["exact"] == pytest.approx(unanswerable)
     assert any(line.startswith("always no answer") for line in lines)
+    # each head's best_f1 set against answering nothing, question by question: the per-question F1s at the
+    # run's best threshold average to its best_f1, so their difference from the baseline is best_f1's margin
+    for head in ("span", "crf"):
+        margin = result[head]["over_no_answer"]
+        assert margin["difference"] == pytest.approx(result[head]["best_f1"] - unanswerable, abs=1e-9)
+        assert margin["low"] <= margin["difference"] <= margin["high"] and 0 < margin["p_value"] <= 1
+    assert "best_f1 over always no answer" in done.stdout
+    # --score_only trains nothing and gives the same figures from what the runs left in --out
+    rescored = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--score_only", "--json"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    again = json.loads(rescored.stdout.strip().splitlines()[-1])
+    for head in ("span", "crf"):
+        assert {k: again[head][k] for k in (*METRIC_KEYS, "over_no_answer", "train_seconds")} == {
+            k: result[head][k] for k in (*METRIC_KEYS, "over_no_answer", "train_seconds")
+        }

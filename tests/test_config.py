@@ -60,8 +60,8 @@ def test_head_rate_and_crf_tags_default_per_head_and_an_explicit_flag_wins(tmp_p
     chosen = ("--preset", preset) if preset else ()
     span = parse_train_args(flags(tmp_path, *chosen, "--head", "span"))
     crf = parse_train_args(flags(tmp_path, *chosen, "--head", "crf"))
-    assert (span.optimizer.head_lr_multiplier, crf.optimizer.head_lr_multiplier) == (1.0, 30.0)
-    assert crf.crf_tags == "span"
+    assert (span.optimizer.head_lr_multiplier, crf.optimizer.head_lr_multiplier) == (1.0, 10.0)
+    assert crf.crf_tags == "span_end"
     given = parse_train_args(flags(tmp_path, *chosen, "--head", "crf", "--head_lr_multiplier", "1"))
     assert given.optimizer.head_lr_multiplier == 1.0
 

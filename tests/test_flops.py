@@ -17,6 +17,7 @@ from spanqa.flops import (
     table_peak,
     train_flops,
 )
+from spanqa.model.heads import CRFHead, SpanHead
 
 TINY = dict(
     vocab_size=1000,
@@ -34,7 +35,11 @@ def tiny_encoder_and_head(head: str) -> tuple[BertConfig, BertModel, nn.Linear]:
     # has no entry for the CPU SDPA kernel (it counts only the CUDA flash/efficient/cuDNN kernels).
     config = BertConfig(**TINY, attn_implementation="eager")
     encoder = BertModel(config, add_pooling_layer=False)
-    return config, encoder, nn.Linear(config.hidden_size, {"span": 2, "crf": 3}[head])
+    # the heads' own linear layers, so that the formula's head outputs are checked against the model's
+    linear = (
+        SpanHead(config.hidden_size).qa_outputs if head == "span" else CRFHead(config.hidden_size).emission
+    )
+    return config, encoder, linear
 
 
 def counted_train_flops(encoder: BertModel, head: nn.Linear, batch: int, length: int) -> tuple[int, int]:

@@ -7,4 +7,4 @@ variables, trackers or answer decoding.
 """
 
 HEAD_NAMES = ("span", "crf")
-CRF_TAGGINGS = ("span", "bio", "bio_masked", "span_end")
+CRF_TAGGINGS = ("span_end", "span", "bio", "bio_masked")

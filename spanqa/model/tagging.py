@@ -7,14 +7,14 @@ A window's answer is a path (before)* B I* (after)* over its context tokens; no 
   after an O, take probability too, and an answer competes with all of them.
 - ``bio_masked``: O, B, I with the BIO constraints (no I after O or at the start; AllenNLP's
   `allowed_transitions("BIO")`), applied in training as in decoding (Masked CRF): several spans remain.
-- ``span`` (the default): O-before, B, I, O-after, constrained so that the only paths are "no answer"
+- ``span``: O-before, B, I, O-after, constrained so that the only paths are "no answer"
   (O-before throughout) and exactly one span: the CRF's distribution is then a distribution over the
   window's answers, null included, as the span head's softmax is.
-- ``span_end``: ``span`` with the answer's last token tagged apart, O-before* (B I* E | S) O-after*,
-  and an emission of its own for E (S, a one-token answer, scores B's plus E's): a span then scores
-  its start's emission plus its end's plus what lies inside and around it, the span head's start +
-  end logits being the case where I and O score alike. Under ``span`` the end is seen only through
-  the tokens on either side of it.
+- ``span_end`` (the default, measured best: the README's CRF head section): ``span`` with the answer's
+  last token tagged apart, O-before* (B I* E | S) O-after*, and an emission of its own for E (S, a
+  one-token answer, scores B's plus E's): a span then scores its start's emission plus its end's plus
+  what lies inside and around it, the span head's start + end logits being the case where I and O
+  score alike. Under ``span`` the end is seen only through the tokens on either side of it.
 """
 
 from __future__ import annotations
