@@ -156,12 +156,19 @@ def scored_head(head: str, out: Path, dev: Path) -> dict:
         raise SystemExit(f"bench/accuracy.py: no finished {head} run in {out / head} (train it first)")
     evals = [r for r in read_log(out / head / "train_log.jsonl") if r["kind"] == "eval"]
     final = json.loads((eval_dir / "eval_report.json").read_text())
-    return {
+    scores = {
         **final,
         "train_seconds": trainer_seconds(out / "mlflow.db", head),
         "evals": [{k: r[k] for k in ("step", "epoch", "exact", "f1", "HasAns_f1", "best_f1")} for r in evals],
         "over_no_answer": over_no_answer(dev, eval_dir, final),
     }
+    # the exported model: the evaluation with the best best_f1 (so chosen on these questions too)
+    best_dir = out / head / "best_model" / "eval"
+    if (best_dir / "eval_report.json").is_file():
+        best = json.loads((best_dir / "eval_report.json").read_text())
+        scores["best_model"] = {"step": best["step"], "best_f1": best["best_f1"]}
+        scores["best_model"]["over_no_answer"] = over_no_answer(dev, best_dir, best)
+    return scores
 
 
 def over_no_answer(dev: Path, eval_dir: Path, report: dict) -> dict:
@@ -236,11 +243,15 @@ def table(results: dict[str, dict]) -> str:
 def margins(results: dict[str, dict]) -> str:
     lines = ["best_f1 over always no answer, paired by question (95% interval, two-sided p):"]
     for name, scores in results.items():
-        m = scores["over_no_answer"]
-        lines.append(
-            f"{name:<22}{m['difference']:>+10.2f}  [{m['low']:+.2f}, {m['high']:+.2f}]  p {m['p_value']:.4f}"
-        )
+        lines.append(_margin_line(f"{name}, final", scores["over_no_answer"]))
+        if "best_model" in scores:
+            best = scores["best_model"]
+            lines.append(_margin_line(f"{name}, step {best['step']} (export)", best["over_no_answer"]))
     return "\n".join(lines)
+
+
+def _margin_line(label: str, m: dict) -> str:
+    return f"{label:<26}{m['difference']:>+8.2f}  [{m['low']:+.2f}, {m['high']:+.2f}]  p {m['p_value']:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

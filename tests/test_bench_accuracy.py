@@ -68,6 +68,6 @@ def test_both_heads_train_and_the_table_and_json_line_come_out(tmp_path):
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     again = json.loads(rescored.stdout.strip().splitlines()[-1])
     for head in ("span", "crf"):
-        assert {k: again[head][k] for k in (*METRIC_KEYS, "over_no_answer", "train_seconds")} == {
-            k: result[head][k] for k in (*METRIC_KEYS, "over_no_answer", "train_seconds")
-        }
+        keys = (*METRIC_KEYS, "over_no_answer", "train_seconds", "best_model")
+        assert {k: again[head][k] for k in keys} == {k: result[head][k] for k in keys}
+        assert result[head]["best_model"]["over_no_answer"]["resamples"] == 10_000

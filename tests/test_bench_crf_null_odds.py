@@ -1,0 +1,89 @@
+"""bench/crf_null_odds.py on a tiny CRF export: it scores the answers and null odds `spanqa predict`
+gives, beside its alternatives (which variant ranks "no answer" best is the benchmark's to measure)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from spanqa.data.windows import WindowSettings
+from spanqa.eval.postprocess import AnswerSettings
+from spanqa.export import ExportInfo
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "crf_null_odds.py"
+FIXTURE = Path(__file__).parent / "fixtures" / "squad_v2_tiny.json"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_crf_null_odds", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def crf_export(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer
+
+    from spanqa.export import export_model
+    from spanqa.model.build import build_model
+    from spanqa.testing import tiny_bert_dir
+
+    root = tmp_path_factory.mktemp("models")
+    tiny = tiny_bert_dir(root / "tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(str(tiny), "crf")
+    windows = WindowSettings(max_seq_length=64, doc_overlap=16, max_query_length=16)
+    info = ExportInfo("crf", windows, AnswerSettings(max_answer_length=8, n_best_size=10))
+    export_model(model, AutoTokenizer.from_pretrained(str(tiny)), root / "crf", info)
+    return root / "crf"
+
+
+def test_its_first_variant_is_what_spanqa_predict_answers_with(bench, crf_export, tmp_path):
+    from spanqa.export import load_export
+    from spanqa.predict import predict, read_questions
+
+    store, cands, window_indices = bench.candidates(str(crf_export), str(FIXTURE), tmp_path)
+    predictions, odds = bench.variants(store, cands, window_indices)
+    assert len(odds) == 4 and all(set(v) == set(predictions) for v in odds.values())
+    model, tokenizer, info = load_export(crf_export)
+    predicted = predict(model, tokenizer, read_questions(FIXTURE), info)
+    spanqas = odds["min null - best span (spanqa's)"]
+    assert {q: p.null_odds for q, p in predicted.items()} == pytest.approx(spanqas, abs=1e-5)
+    assert {q: p.answer for q, p in predicted.items()} == {
+        q: ("" if spanqas[q] > 0 else text) for q, text in predictions.items()
+    }
+
+
+def test_the_command_prints_each_variants_best_f1(bench, crf_export, capsys):
+    assert bench.main([str(crf_export), str(FIXTURE)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].split()[:2] == ["null", "odds"] and len(rows) == 5
+    assert all(0 <= float(row.split()[-3]) <= 100 for row in rows[1:])
+
+
+def test_a_span_head_export_is_refused_in_one_line(bench, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from spanqa.export import export_model
+    from spanqa.model.build import build_model
+    from spanqa.testing import tiny_bert_dir
+
+    tiny = tiny_bert_dir(tmp_path / "tiny")
+    windows = WindowSettings(max_seq_length=64, doc_overlap=16, max_query_length=16)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(str(tiny), "span")
+    export_model(
+        model,
+        AutoTokenizer.from_pretrained(str(tiny)),
+        tmp_path / "span",
+        ExportInfo("span", windows, AnswerSettings()),
+    )
+    with pytest.raises(SystemExit, match="has the span head, not crf"):
+        bench.main([str(tmp_path / "span"), str(FIXTURE)])
