@@ -33,8 +33,8 @@ from spanqa.presets import load_preset, preset_names
 # --head_lr_multiplier when not given. The CRF's emissions and transitions start from nothing: at the
 # encoder's rate, after half an epoch of bench/accuracy.py's setting, the CRF head reached HasAns F1 18.7
 # against the span head's 30.9, at 10 to 100 times it 28-32. On the full setting with its default
-# `span_end` tags, 10 times beat 30 on both HasAns F1 and best_f1 (61.86 / 51.88 against 60.36 / 50.89;
-# the README's CRF head section).
+# `span_end` tags, 10 times did better than 30 on both HasAns F1 and best_f1 (61.86 / 51.88 against
+# 60.36 / 50.89, the 30 measured on another, slower CPU; the README's CRF head section).
 HEAD_LR_MULTIPLIERS = {"span": 1.0, "crf": 10.0}
 
 CHOICES = {
