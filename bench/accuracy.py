@@ -154,31 +154,34 @@ def scored_head(head: str, out: Path, dev: Path) -> dict:
     eval_dir = out / head / "eval"
     if not (eval_dir / "eval_report.json").is_file():
         raise SystemExit(f"bench/accuracy.py: no finished {head} run in {out / head} (train it first)")
+    from spanqa.eval.squad_metric import read_gold_questions, unique_by_id
+
+    questions = unique_by_id(read_gold_questions(dev))
     evals = [r for r in read_log(out / head / "train_log.jsonl") if r["kind"] == "eval"]
     final = json.loads((eval_dir / "eval_report.json").read_text())
     scores = {
         **final,
         "train_seconds": trainer_seconds(out / "mlflow.db", head),
         "evals": [{k: r[k] for k in ("step", "epoch", "exact", "f1", "HasAns_f1", "best_f1")} for r in evals],
-        "over_no_answer": over_no_answer(dev, eval_dir, final),
+        "over_no_answer": over_no_answer(questions, eval_dir, final),
     }
     # the exported model: the evaluation with the best best_f1 (so chosen on these questions too)
     best_dir = out / head / "best_model" / "eval"
     if (best_dir / "eval_report.json").is_file():
         best = json.loads((best_dir / "eval_report.json").read_text())
         scores["best_model"] = {"step": best["step"], "best_f1": best["best_f1"]}
-        scores["best_model"]["over_no_answer"] = over_no_answer(dev, best_dir, best)
+        scores["best_model"]["over_no_answer"] = over_no_answer(questions, best_dir, best)
     return scores
 
 
-def over_no_answer(dev: Path, eval_dir: Path, report: dict) -> dict:
+def over_no_answer(questions: dict, eval_dir: Path, report: dict) -> dict:
     """best_f1 against always answering nothing, paired by question (spanqa.eval.bootstrap, 10,000
     resamples): each question's F1 at the run's best_f1 threshold minus the baseline's (1 if it has no
     answer, else 0). The threshold was tuned on these same questions, so the interval flatters the run
     a little; it says whether best_f1's margin is more than the luck of which questions were drawn."""
     from spanqa.eval.bootstrap import paired_bootstrap
 
-    questions, f1 = best_threshold_f1(dev, eval_dir, report)
+    f1 = best_threshold_f1(questions, eval_dir, report)
     ids = list(questions)
     result = paired_bootstrap([f1[q] for q in ids], [float(not questions[q].has_answer) for q in ids])
     return {
@@ -190,18 +193,17 @@ def over_no_answer(dev: Path, eval_dir: Path, report: dict) -> dict:
     }
 
 
-def best_threshold_f1(dev: Path, eval_dir: Path, report: dict) -> tuple[dict, dict[str, float]]:
+def best_threshold_f1(questions: dict, eval_dir: Path, report: dict) -> dict[str, float]:
     """Each question's F1 at the threshold best_f1 was found at. When answering nothing is best, the
     official sweep reports threshold 0.0 all the same: its scores are then those below every null odds."""
-    from spanqa.eval.squad_metric import read_gold_questions, thresholded_scores, unique_by_id
+    from spanqa.eval.squad_metric import thresholded_scores
 
-    questions = unique_by_id(read_gold_questions(dev))
     predictions = json.loads((eval_dir / "predictions.json").read_text())
     null_odds = json.loads((eval_dir / "null_odds.json").read_text())
     for threshold in (report["best_f1_thresh"], -math.inf):
         _, f1 = thresholded_scores(questions, predictions, null_odds, threshold)
         if abs(100 * sum(f1.values()) / len(f1) - report["best_f1"]) < 1e-9:
-            return questions, f1
+            return f1
     raise SystemExit(f"bench/accuracy.py: {eval_dir}: no threshold gives the report's best_f1")
 
 

@@ -19,24 +19,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def candidates(model_dir: str, dev: str, work: Path):
-    from spanqa.data.loader import eval_batches, make_loader
     from spanqa.data.prepare import prepare
-    from spanqa.eval.infer import infer_candidates
     from spanqa.export import load_export
+    from spanqa.predict import run_windows
 
     model, tokenizer, info = load_export(model_dir)
     if model.head_name != "crf":
         raise SystemExit(f"bench/crf_null_odds.py: {model_dir} has the {model.head_name} head, not crf")
     store = prepare(dev, tokenizer, work / "store", info.windows, progress=False)
-    loader = make_loader(store, eval_batches(store.window_lengths, 64))
-    answers = info.answers
-    inferred = infer_candidates(
-        model.eval(), model, loader, torch.device("cpu"), answers.n_best_size, answers.max_answer_length
-    )
+    inferred = run_windows(model, store, info, batch_size=64, device="cpu")  # spanqa predict's own loop
     return store, inferred.candidates, inferred.window_indices
 
 

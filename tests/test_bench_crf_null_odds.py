@@ -24,8 +24,8 @@ def bench():
     return module
 
 
-@pytest.fixture(scope="module")
-def crf_export(tmp_path_factory) -> Path:
+def exported(head: str, root: Path) -> Path:
+    """A tiny random BERT with `head`, exported as training exports it."""
     import torch
     from transformers import AutoTokenizer
 
@@ -33,15 +33,19 @@ def crf_export(tmp_path_factory) -> Path:
     from spanqa.model.build import build_model
     from spanqa.testing import tiny_bert_dir
 
-    root = tmp_path_factory.mktemp("models")
     tiny = tiny_bert_dir(root / "tiny")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(str(tiny), "crf")
+        model = build_model(str(tiny), head)
     windows = WindowSettings(max_seq_length=64, doc_overlap=16, max_query_length=16)
-    info = ExportInfo("crf", windows, AnswerSettings(max_answer_length=8, n_best_size=10))
-    export_model(model, AutoTokenizer.from_pretrained(str(tiny)), root / "crf", info)
-    return root / "crf"
+    info = ExportInfo(head, windows, AnswerSettings(max_answer_length=8, n_best_size=10))
+    export_model(model, AutoTokenizer.from_pretrained(str(tiny)), root / head, info)
+    return root / head
+
+
+@pytest.fixture(scope="module")
+def crf_export(tmp_path_factory) -> Path:
+    return exported("crf", tmp_path_factory.mktemp("models"))
 
 
 def test_its_first_variant_is_what_spanqa_predict_answers_with(bench, crf_export, tmp_path):
@@ -68,22 +72,5 @@ def test_the_command_prints_each_variants_best_f1(bench, crf_export, capsys):
 
 
 def test_a_span_head_export_is_refused_in_one_line(bench, tmp_path):
-    import torch
-    from transformers import AutoTokenizer
-
-    from spanqa.export import export_model
-    from spanqa.model.build import build_model
-    from spanqa.testing import tiny_bert_dir
-
-    tiny = tiny_bert_dir(tmp_path / "tiny")
-    windows = WindowSettings(max_seq_length=64, doc_overlap=16, max_query_length=16)
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(str(tiny), "span")
-    export_model(
-        model,
-        AutoTokenizer.from_pretrained(str(tiny)),
-        tmp_path / "span",
-        ExportInfo("span", windows, AnswerSettings()),
-    )
     with pytest.raises(SystemExit, match="has the span head, not crf"):
-        bench.main([str(tmp_path / "span"), str(FIXTURE)])
+        bench.main([str(exported("span", tmp_path)), str(FIXTURE)])
