@@ -164,6 +164,7 @@ def scored_head(head: str, out: Path, dev: Path) -> dict:
         "train_seconds": trainer_seconds(out / "mlflow.db", head),
         "evals": [{k: r[k] for k in ("step", "epoch", "exact", "f1", "HasAns_f1", "best_f1")} for r in evals],
         "over_no_answer": over_no_answer(questions, eval_dir, final),
+        "null_auc": null_auc(questions, eval_dir),
     }
     # the exported model: the evaluation with the best best_f1 (so chosen on these questions too)
     best_dir = out / head / "best_model" / "eval"
@@ -171,6 +172,7 @@ def scored_head(head: str, out: Path, dev: Path) -> dict:
         best = json.loads((best_dir / "eval_report.json").read_text())
         scores["best_model"] = {"step": best["step"], "best_f1": best["best_f1"]}
         scores["best_model"]["over_no_answer"] = over_no_answer(questions, best_dir, best)
+        scores["best_model"]["null_auc"] = null_auc(questions, best_dir)
     return scores
 
 
@@ -191,6 +193,14 @@ def over_no_answer(questions: dict, eval_dir: Path, report: dict) -> dict:
         "p_value": result.p_value,
         "resamples": result.resamples,
     }
+
+
+def null_auc(questions: dict, eval_dir: Path) -> float:
+    """How well the evaluation's null odds rank the unanswerable questions above the answerable ones
+    (spanqa.eval.squad_metric.null_odds_auc; 0.5 is a coin)."""
+    from spanqa.eval.squad_metric import null_odds_auc
+
+    return null_odds_auc(questions, json.loads((eval_dir / "null_odds.json").read_text()))
 
 
 def best_threshold_f1(questions: dict, eval_dir: Path, report: dict) -> dict[str, float]:
@@ -243,17 +253,24 @@ def table(results: dict[str, dict]) -> str:
 
 
 def margins(results: dict[str, dict]) -> str:
-    lines = ["best_f1 over always no answer, paired by question (95% interval, two-sided p):"]
+    lines = [
+        "best_f1 over always no answer, paired by question (95% interval, two-sided p), and the null"
+        " odds' AUC (the chance an unanswerable question's odds exceed an answerable one's; 0.5 is a coin):"
+    ]
     for name, scores in results.items():
-        lines.append(_margin_line(f"{name}, final", scores["over_no_answer"]))
+        lines.append(_margin_line(f"{name}, final", scores))
         if "best_model" in scores:
             best = scores["best_model"]
-            lines.append(_margin_line(f"{name}, step {best['step']} (export)", best["over_no_answer"]))
+            lines.append(_margin_line(f"{name}, step {best['step']} (export)", best))
     return "\n".join(lines)
 
 
-def _margin_line(label: str, m: dict) -> str:
-    return f"{label:<26}{m['difference']:>+8.2f}  [{m['low']:+.2f}, {m['high']:+.2f}]  p {m['p_value']:.4f}"
+def _margin_line(label: str, scores: dict) -> str:
+    m = scores["over_no_answer"]
+    interval = f"[{m['low']:+.2f}, {m['high']:+.2f}]"
+    return (
+        f"{label:<26}{m['difference']:>+8.2f}  {interval}  p {m['p_value']:.4f}  AUC {scores['null_auc']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

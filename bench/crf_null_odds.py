@@ -3,9 +3,10 @@
 A CRF window gives log p(no answer) and log p(span) for every span, under one distribution. spanqa's null
 odds (spanqa.eval.postprocess, as for the span head) are the lowest null score over a question's windows
 minus its best span's score. The alternatives set the null against all of a window's answers at once,
-the CRF's marginal p(some answer) = 1 - p(no answer), or against the top spans' summed probability.
-The answers stay the same (the best span); only the null odds change, and with them best_f1 and
-best_exact, found by the official threshold sweep.
+the CRF's marginal p(some answer) = 1 - p(no answer), or against the top spans' summed probability, or
+take one side alone (the null's probability, or the best span's). The answers stay the same (the best
+span); only the null odds change, and with them best_f1 and best_exact, found by the official threshold
+sweep, and the odds' AUC (how well they rank the unanswerable questions above the others; 0.5 is a coin).
 
     python bench/crf_null_odds.py MODEL_DIR DEV_JSON     # e.g. OUT/crf/best_model OUT/data/dev.json
 (MODEL_DIR: a CRF export, `best_model/` of a run such as bench/accuracy.py's.)
@@ -65,6 +66,8 @@ def variants(store, cands, window_indices) -> tuple[dict[str, str], dict[str, di
         "min over windows of log-odds null : some answer": by_id(lowest(null - some_answer)),
         "min null - max log p(some answer)": by_id(lowest(null) - highest(some_answer)),
         "min null - max log p(top spans summed)": by_id(lowest(null) - highest(top_spans)),
+        "min null alone": by_id(lowest(null)),
+        "- max log p(best span) alone": by_id(-highest(cands.scores[:, 0].astype(np.float64))),
     }
 
 
@@ -75,16 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir")
     parser.add_argument("dev_json")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from spanqa.eval.squad_metric import read_gold_questions, squad_v2_scores
+    from spanqa.eval.squad_metric import null_odds_auc, read_gold_questions, squad_v2_scores, unique_by_id
 
     with tempfile.TemporaryDirectory(prefix="spanqa-crf-null-") as work:
         store, cands, window_indices = candidates(args.model_dir, args.dev_json, Path(work))
         predictions, odds_by_variant = variants(store, cands, window_indices)
     golds = read_gold_questions(args.dev_json)
-    print(f"{'null odds':<50}{'best_f1':>9}{'best_exact':>11}{'threshold':>10}")
+    questions = unique_by_id(golds)
+    print(f"{'null odds':<50}{'best_f1':>9}{'best_exact':>11}{'threshold':>10}{'AUC':>7}")
     for name, odds in odds_by_variant.items():
         r = squad_v2_scores(golds, predictions, odds, null_threshold=0.0)
-        print(f"{name:<50}{r['best_f1']:>9.2f}{r['best_exact']:>11.2f}{r['best_f1_thresh']:>10.3f}")
+        auc = null_odds_auc(questions, odds)
+        print(
+            f"{name:<50}{r['best_f1']:>9.2f}{r['best_exact']:>11.2f}{r['best_f1_thresh']:>10.3f}{auc:>7.3f}"
+        )
     return 0
 
 

@@ -59,6 +59,7 @@ def test_both_heads_train_and_the_table_and_json_line_come_out(tmp_path):
         margin = result[head]["over_no_answer"]
         assert margin["difference"] == pytest.approx(result[head]["best_f1"] - unanswerable, abs=1e-9)
         assert margin["low"] <= margin["difference"] <= margin["high"] and 0 < margin["p_value"] <= 1
+        assert 0 <= result[head]["null_auc"] <= 1 and 0 <= result[head]["best_model"]["null_auc"] <= 1
     assert "best_f1 over always no answer" in done.stdout
     # --score_only trains nothing and gives the same figures from what the runs left in --out
     rescored = subprocess.run(
@@ -68,6 +69,6 @@ def test_both_heads_train_and_the_table_and_json_line_come_out(tmp_path):
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     again = json.loads(rescored.stdout.strip().splitlines()[-1])
     for head in ("span", "crf"):
-        keys = (*METRIC_KEYS, "over_no_answer", "train_seconds", "best_model")
+        keys = (*METRIC_KEYS, "over_no_answer", "null_auc", "train_seconds", "best_model")
         assert {k: again[head][k] for k in keys} == {k: result[head][k] for k in keys}
         assert result[head]["best_model"]["over_no_answer"]["resamples"] == 10_000

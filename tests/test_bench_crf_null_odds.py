@@ -54,7 +54,7 @@ def test_its_first_variant_is_what_spanqa_predict_answers_with(bench, crf_export
 
     store, cands, window_indices = bench.candidates(str(crf_export), str(FIXTURE), tmp_path)
     predictions, odds = bench.variants(store, cands, window_indices)
-    assert len(odds) == 4 and all(set(v) == set(predictions) for v in odds.values())
+    assert len(odds) == 6 and all(set(v) == set(predictions) for v in odds.values())
     model, tokenizer, info = load_export(crf_export)
     predicted = predict(model, tokenizer, read_questions(FIXTURE), info)
     spanqas = odds["min null - best span (spanqa's)"]
@@ -67,8 +67,8 @@ def test_its_first_variant_is_what_spanqa_predict_answers_with(bench, crf_export
 def test_the_command_prints_each_variants_best_f1(bench, crf_export, capsys):
     assert bench.main([str(crf_export), str(FIXTURE)]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0].split()[:2] == ["null", "odds"] and len(rows) == 5
-    assert all(0 <= float(row.split()[-3]) <= 100 for row in rows[1:])
+    assert rows[0].split()[:2] == ["null", "odds"] and rows[0].split()[-1] == "AUC" and len(rows) == 7
+    assert all(0 <= float(row.split()[-4]) <= 100 and 0 <= float(row.split()[-1]) <= 1 for row in rows[1:])
 
 
 def test_a_span_head_export_is_refused_in_one_line(bench, tmp_path):

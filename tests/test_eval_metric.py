@@ -11,6 +11,7 @@ from spanqa.eval.squad_metric import (
     compute_f1,
     find_best_thresh,
     normalize_answer,
+    null_odds_auc,
     squad_v2_scores,
 )
 
@@ -149,3 +150,18 @@ def test_examples_from_the_data_pipeline_are_accepted():
 
     example = Example("e", "t", "q?", "ctx", (Answer("ctx", 0),), False)
     assert squad_v2_scores([example], {"e": "ctx"})["exact"] == 100.0
+
+
+def test_null_odds_auc_counts_pairs_ties_half():
+    import itertools
+
+    odds = {"a1": 0.5, "a2": -1.0, "a3": 2.0, "n1": 2.0, "n2": 0.5, "n3": 3.0, "n4": -2.0}
+    questions = {q: GoldQuestion(q, ("x",) if q.startswith("a") else ()) for q in odds}
+    pairs = [
+        1.0 if odds[n] > odds[a] else 0.5 if odds[n] == odds[a] else 0.0
+        for a, n in itertools.product(["a1", "a2", "a3"], ["n1", "n2", "n3", "n4"])
+    ]
+    assert null_odds_auc(questions, odds) == pytest.approx(sum(pairs) / len(pairs))
+    assert null_odds_auc(questions, {q: -v for q, v in odds.items()}) == pytest.approx(1 - sum(pairs) / 12)
+    with pytest.raises(SpanqaError, match="with and without an answer"):
+        null_odds_auc({q: questions[q] for q in ("a1", "a2")}, odds)

@@ -9,6 +9,7 @@ prediction) we score the question as wrong instead and say how many there were.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import re
@@ -220,6 +221,19 @@ def find_best_thresh(
         if score > best_score:
             best_score, best_thresh = score, null_odds[qid]
     return 100.0 * best_score / len(scores), best_thresh
+
+
+def null_odds_auc(questions: Mapping[str, GoldQuestion], null_odds: Mapping[str, float]) -> float:
+    """How well the null odds rank "no answer" (not a figure of the official script): the chance that an
+    unanswerable question's odds exceed an answerable one's, ties counting half (the ROC AUC). 0.5 is a
+    coin; best_f1 can only rise far above answering nothing when it is well above 0.5."""
+    answerable = sorted(null_odds[q] for q, gold in questions.items() if gold.has_answer and q in null_odds)
+    unanswerable = [null_odds[q] for q, gold in questions.items() if not gold.has_answer and q in null_odds]
+    if not answerable or not unanswerable:
+        raise SpanqaError("null_odds_auc needs scored questions with and without an answer")
+    # answerable odds below each unanswerable one's, plus half of those equal to it: (left + right) / 2
+    pairs = sum(bisect.bisect_left(answerable, x) + bisect.bisect_right(answerable, x) for x in unanswerable)
+    return pairs / 2 / (len(answerable) * len(unanswerable))
 
 
 def raw_exact(
