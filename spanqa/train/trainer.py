@@ -138,9 +138,10 @@ class Trainer:
         s, config = self.schedule, self.config
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         windows = len(self.data.train_store)
+        epochs = f"{config.num_train_epochs:g} epoch{'' if config.num_train_epochs == 1 else 's'}"
         log.info(
             f"{windows} training windows, {s.steps_per_epoch} steps/epoch, {s.total_steps} "
-            f"steps ({config.num_train_epochs:g} epochs), warmup {s.warmup_steps}, micro-batch {micro} x "
+            f"steps ({epochs}), warmup {s.warmup_steps}, micro-batch {micro} x "
             f"accumulation {config.gradient_accumulation_steps} x world {self.env.world_size} = "
             f"{config.train_batch_size}"
             + (f", stopping after step {s.stop_step}" if s.stop_step < s.total_steps else "")
