@@ -192,17 +192,17 @@ def run_windows(
 ):
     """The answer candidates of every window of `store` (spanqa.eval.infer.Inferred)."""
     import torch
-    from tqdm import tqdm
 
     from spanqa.data.loader import eval_batches, make_loader
     from spanqa.eval.infer import infer_candidates
+    from spanqa.progress import progress_bar
 
     model = model.to(device).eval()
     loader = make_loader(store, eval_batches(store.window_lengths, batch_size))
     answers = info.answers
     with (
         torch.inference_mode(),
-        tqdm(total=len(store), desc="predict", unit="window", disable=not progress) as bar,
+        progress_bar(len(store), "predict", progress, unit="window") as bar,
     ):
         return infer_candidates(
             model,

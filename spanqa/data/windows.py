@@ -174,9 +174,9 @@ def build_windows(
 
 
 def _batches(texts: list[str], progress: bool, desc: str):
-    from tqdm.auto import tqdm
+    from spanqa.progress import progress_bar
 
-    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
+    with progress_bar(len(texts), desc, progress, unit="text") as bar:
         for i in range(0, len(texts), TOKENIZE_BATCH):
             chunk = texts[i : i + TOKENIZE_BATCH]
             yield chunk
@@ -248,7 +248,7 @@ def answer_token_span(offsets: np.ndarray, start_char: int, end_char: int) -> tu
 def _assemble(
     examples, questions, contexts, context_of, template: PairTemplate, settings, progress: bool = False
 ) -> WindowArrays:
-    from tqdm.auto import tqdm
+    from spanqa.progress import tracked
 
     prefix = np.asarray(template.prefix, np.int64)
     middle = np.asarray(template.middle, np.int64)
@@ -257,7 +257,7 @@ def _assemble(
     pieces_offsets: list[np.ndarray] = []
     rows: list[tuple[int, int, int, int, int, int]] = []
     labelled = 0
-    for ex_i, ex in enumerate(tqdm(examples, desc="windows", unit="question", disable=not progress)):
+    for ex_i, ex in enumerate(tracked(examples, "windows", progress, unit="question")):
         q = np.asarray(questions[ex_i], np.int64)
         ctx = contexts[context_of[ex_i]]
         head = np.concatenate([prefix, q, middle])

@@ -37,7 +37,7 @@ def infer_candidates(
 
     `forward` runs the batch (the QAModel itself, or the DeepSpeed engine that wraps it); `model` is
     the QAModel, whose head decides how outputs become candidates. With `with_loss` the labels go in
-    too and the window-weighted loss is summed. `progress`: a tqdm bar to advance by windows.
+    too and the window-weighted loss is summed. `progress`: a bar (spanqa.progress) to advance by windows.
     """
     parts, indices = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
