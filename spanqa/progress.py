@@ -48,11 +48,11 @@ class ProgressLines:
             self.write(self.line(now))
 
     def line(self, now: float) -> str:
-        done = self.n - self.first
+        done, elapsed = self.n - self.first, now - self.started
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         text = f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}s{share}"
-        if done > 0:
-            per = (now - self.started) / done
+        if done > 0 and elapsed > 0:  # a coarse clock may not have moved yet
+            per = elapsed / done
             left = max(self.total - self.n, 0) * per
             rate = f"{per:.2f} s/{self.unit}" if per >= 1 else f"{1 / per:.1f} {self.unit}s/s"
             text += f", {rate}, {int(left // 60)}m{int(left % 60):02d}s left"

@@ -82,6 +82,12 @@ def test_training_lines_carry_the_rank_prefix_and_others_go_to_stderr_bare(
     assert err[-1].startswith("windows: 3/3 questions (100%), ") and "\r" not in "".join(err)
 
 
+def test_a_clock_that_has_not_moved_gives_no_rate():
+    lines = []
+    ProgressLines(10, "predict", "window", interval=0.0, clock=Clock(), write=lines.append).update(2)
+    assert lines == ["predict: 2/10 windows (20%)"]
+
+
 def test_tracked_short_work_writes_nothing(capsys):
     assert list(tracked(range(5), "windows", True)) == [0, 1, 2, 3, 4]
     assert list(tracked(range(5), "windows", False)) == [0, 1, 2, 3, 4]
